@@ -1,0 +1,42 @@
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+ARTIFACTS ?= artifacts
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install demo run serve eval test test-all bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/twinserve demo --zoo $(ARTIFACTS)/zoo -o $(ARTIFACTS)/demo
+
+run: demo
+	$(BIN)/twinserve serve $(ARTIFACTS)/demo --host $(HOST) --port $(PORT)
+
+eval: demo
+	$(BIN)/twinserve eval $(ARTIFACTS)/demo
+
+test: install
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+bench: demo
+	$(BIN)/twinserve bench $(ARTIFACTS)/demo --out $(ARTIFACTS)/bench.json
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(ARTIFACTS) $(VENV)

@@ -1,0 +1,193 @@
+"""The artifact: the contract between build and serve.
+
+    manifest.json          format + version, config, experts, merge, ranks, router, sha256 of every file
+    backbone.safetensors   θ*
+    exclusive.safetensors  "{param}::{expert}::A" / "::B" factors of 2-D deltas, "::delta" for 1-D deltas
+    router.safetensors     (optional) router weights
+    tokenizer/             HF tokenizer files
+    report.json            build + quality report
+
+Written into a temp dir beside the target and renamed into place; an update hard-links the
+unchanged files into a fresh temp dir, so even a multi-GB backbone is never copied.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+FORMAT = "twinserve-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BACKBONE = "backbone.safetensors"
+EXCLUSIVE = "exclusive.safetensors"
+ROUTER = "router.safetensors"
+REPORT = "report.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact that is missing, of another version, or fails verification; names the file."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def finalize_manifest(root: Path, manifest: dict) -> dict:
+    """Record size and sha256 of every file under ``root`` and write manifest.json."""
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
+    manifest["files"] = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+                         for rel in _listing(root)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, link_from: str | Path | None = None) -> Iterator[Path]:
+    """Yield a temp dir beside ``target``; on success it replaces ``target``, on error it is removed.
+
+    ``link_from`` pre-populates the temp dir with hard links (or copies across devices) of an
+    existing artifact, for in-place updates; replace a linked file by writing a new one, never edit it.
+    """
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if link_from is not None:
+        shutil.copytree(link_from, tmp, copy_function=_link_or_copy)
+    else:
+        tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def replace_file(path: Path, data: bytes | str) -> None:
+    """Write ``path`` as a new inode (safe inside a hard-linked temp dir)."""
+    if path.exists():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise ArtifactError(f"artifact not found: {path} is not a directory")
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath}: missing; {path} is not a twinserve artifact")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{mpath}: cannot parse: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: not a twinserve artifact manifest (format != {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: format_version {manifest.get('format_version')!r} is not supported "
+                            f"(this twinserve reads version {FORMAT_VERSION}); rebuild the artifact")
+    return manifest
+
+
+def verify_artifact(path: str | Path) -> dict:
+    """Check version, presence, size and sha256 of every file; return the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest.get("files") or {}
+    for required in (BACKBONE, EXCLUSIVE):
+        if required not in files:
+            raise ArtifactError(f"{path / MANIFEST}: does not list {required}")
+    for rel, meta in files.items():
+        f = path / rel
+        if not isinstance(meta, dict) or not {"bytes", "sha256"} <= set(meta):
+            raise ArtifactError(f"{path / MANIFEST}: entry for {rel} lacks bytes/sha256")
+        if not f.resolve().is_relative_to(path.resolve()):
+            raise ArtifactError(f"{path / MANIFEST}: file path {rel} points outside the artifact")
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing (listed in manifest.json)")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise ArtifactError(f"{f}: truncated or modified: {size} bytes, manifest says {meta['bytes']}")
+        if sha256_file(f) != meta["sha256"]:
+            raise ArtifactError(f"{f}: checksum mismatch (sha256 differs from manifest.json); file was modified")
+    return manifest
+
+
+def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / name))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path / name}: cannot read: {e}") from None
+
+
+def exclusive_key(param: str, expert: str, part: str) -> str:
+    return f"{param}::{expert}::{part}"
+
+
+def read_report(path: str | Path) -> dict:
+    f = Path(path) / REPORT
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def update_artifact(path: str | Path, files: dict[str, bytes | str], manifest_update: dict | None = None) -> dict:
+    """Atomically replace/add ``files`` (relative path -> content) and merge ``manifest_update``; re-checksum."""
+    path = Path(path)
+    manifest = verify_artifact(path)
+    with atomic_dir(path, link_from=path) as tmp:
+        for rel, data in files.items():
+            replace_file(tmp / rel, data)
+        manifest.update(manifest_update or {})
+        (tmp / MANIFEST).unlink()
+        manifest = finalize_manifest(tmp, manifest)
+    return manifest
+
+
+def load_exclusive(path: str | Path, manifest: dict) -> tuple[dict, dict]:
+    """Exclusive deltas in expert order: ({param: LowRankDeltas}, {param: (T, *shape) dense deltas})."""
+    from .fusion import LowRankDeltas
+
+    tensors = load_tensors(Path(path), EXCLUSIVE)
+    names = [e["name"] for e in manifest["experts"]]
+    lowrank, dense = {}, {}
+    for param, info in manifest["tensors"].items():
+        try:
+            if info["kind"] == "lowrank":
+                lowrank[param] = LowRankDeltas.from_factors(
+                    [(tensors[exclusive_key(param, n, "B")], tensors[exclusive_key(param, n, "A")]) for n in names])
+            else:
+                dense[param] = torch.stack([tensors[exclusive_key(param, n, "delta")] for n in names])
+        except KeyError as e:
+            raise ArtifactError(f"{Path(path) / EXCLUSIVE}: missing tensor {e.args[0]}") from None
+    return lowrank, dense

@@ -1,0 +1,75 @@
+"""Apply router-weighted exclusive deltas to a linear layer, two ways.
+
+For one weight W* (d_out×d_in) and experts t = 1..T with δ̂_t = B_t A_t (ranks r_t):
+
+  materialise:     W(w) = W* + Σ_t w_t B_t A_t                       (one w for the whole batch)
+  activation-side: y = W* x + B_cat((A_cat x) ⊙ w[:, idx])          (its own w for every row)
+
+A_cat = [A_1; …; A_T] is (R×d_in), B_cat = [B_1 … B_T] is (d_out×R), R = Σ r_t, and idx (R,)
+maps each factor column to its expert, so w[:, idx] is repeat(w, r) even when ranks differ.
+Both are linear in w, which is why a batch that mixes tasks needs no weight rewrite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LowRankDeltas:
+    """Concatenated factors of every expert for one weight."""
+    A_cat: torch.Tensor  # (R, d_in)
+    B_cat: torch.Tensor  # (d_out, R)
+    idx: torch.Tensor    # (R,) long, expert index of each factor column
+    num_experts: int
+
+    @classmethod
+    def from_factors(cls, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> "LowRankDeltas":
+        """factors[t] = (B_t (d_out×r_t), A_t (r_t×d_in)); r_t may be 0."""
+        A_cat = torch.cat([a for _, a in factors], 0)
+        B_cat = torch.cat([b for b, _ in factors], 1)
+        idx = torch.cat([torch.full((a.shape[0],), t, dtype=torch.long) for t, (_, a) in enumerate(factors)])
+        return cls(A_cat.contiguous(), B_cat.contiguous(), idx.to(A_cat.device), len(factors))
+
+    def to(self, device=None, dtype=None) -> "LowRankDeltas":
+        return LowRankDeltas(self.A_cat.to(device=device, dtype=dtype), self.B_cat.to(device=device, dtype=dtype),
+                             self.idx.to(device=device), self.num_experts)
+
+    @property
+    def rank(self) -> int:
+        return self.A_cat.shape[0]
+
+    def select(self, experts: torch.Tensor) -> "LowRankDeltas":
+        """Only the factor columns of ``experts`` (1-D long): top-k routing gathers k experts' factors."""
+        keep = torch.isin(self.idx, experts)
+        return LowRankDeltas(self.A_cat[keep], self.B_cat[:, keep], self.idx[keep], self.num_experts)
+
+
+def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t B_t A_t x for each row.  x: (N, S, d_in) or (N, d_in), w: (N, T) -> (N, S, d_out) or (N, d_out)."""
+    h = x @ d.A_cat.T                    # (N, S, R)
+    scale = w[:, d.idx]                  # (N, R): each rank column gets its expert's weight in that row
+    h = h * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+    return h @ d.B_cat.T                 # (N, S, d_out)
+
+
+def twin_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                d: LowRankDeltas | None, w: torch.Tensor | None) -> torch.Tensor:
+    """Activation-side batched path: W* x (+ b) + B_cat((A_cat x) ⊙ w[:, idx])."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    if d is None or w is None or d.rank == 0:
+        return y
+    return y + delta_activations(x, d, w)
+
+
+def materialize_weight(weight: torch.Tensor, d: LowRankDeltas, w: torch.Tensor) -> torch.Tensor:
+    """Reference path: W* + Σ_t w_t B_t A_t for one weight vector w (T,)."""
+    if d.rank == 0:
+        return weight.clone()
+    return weight + (d.B_cat * w[d.idx]) @ d.A_cat
+
+
+def active_experts(w: torch.Tensor) -> torch.Tensor:
+    """Experts with non-zero weight in any row of w (N, T): the only factors a sparse batch needs."""
+    return torch.nonzero(w.abs().sum(0) > 0, as_tuple=False).flatten()

@@ -1,0 +1,115 @@
+"""Build recipe: what to merge and how to compress it. Validated once, at the edge."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MergeName = Literal["task_arithmetic", "ties", "dare", "average"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be read or does not validate; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+                      description="expert id used in routing and in the API (letters, digits, _ . -)")
+    path: str = Field(min_length=1, description="HF model dir (full fine-tune) or PEFT LoRA adapter dir")
+    description: str = ""
+
+
+class MergeSpec(_Strict):
+    method: MergeName = "ties"
+    lam: float = Field(1.0, gt=0.0, le=10.0, description="scale λ applied to the merged task vector")
+    density: float = Field(0.2, gt=0.0, le=1.0, description="ties: fraction of entries kept per task vector")
+    drop_p: float = Field(0.9, ge=0.0, lt=1.0, description="dare: drop probability p")
+    dare_base: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    seed: int = 0
+
+
+class RankPolicy(_Strict):
+    rank: int | None = Field(16, ge=0, le=4096, description="fixed rank per matrix and expert")
+    energy: float | None = Field(None, gt=0.0, le=1.0, description="keep this fraction of spectral energy")
+    max_rank: int | None = Field(None, ge=1, description="cap for the energy policy")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns of tensors that keep a delta")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of tensors that drop their delta")
+    svd: Literal["auto", "exact", "randomized"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _energy_replaces_default_rank(cls, data):
+        if isinstance(data, dict) and data.get("energy") is not None and "rank" not in data:
+            data = {**data, "rank": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> "RankPolicy":
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("set exactly one of rank.rank and rank.energy")
+        return self
+
+
+class Recipe(_Strict):
+    base: str = Field(min_length=1, description="base model dir (HF format)")
+    experts: list[ExpertSpec] = Field(min_length=1)
+    merge: MergeSpec = MergeSpec()
+    rank: RankPolicy = RankPolicy()
+    dtype: DType = "float32"
+    tokenizer: str | None = Field(None, description="tokenizer dir; default: the base dir")
+
+    @field_validator("experts")
+    @classmethod
+    def _unique_names(cls, experts: list[ExpertSpec]) -> list[ExpertSpec]:
+        names = [e.name for e in experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate expert names: {', '.join(dup)}")
+        return experts
+
+    def resolve(self, root: Path) -> "Recipe":
+        """Return a copy whose relative paths are resolved against ``root`` (the recipe's folder)."""
+        def r(p: str | None) -> str | None:
+            return None if p is None else str((root / p).resolve()) if not Path(p).is_absolute() else p
+        return self.model_copy(update={
+            "base": r(self.base), "tokenizer": r(self.tokenizer),
+            "experts": [e.model_copy(update={"path": r(e.path)}) for e in self.experts],
+        })
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        parts.append(f"{prefix}{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise RecipeError(f"cannot parse recipe {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: top level must be a mapping")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"invalid recipe {path}: {format_validation_error(e)}") from None
+    return recipe.resolve(path.parent)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,68 @@
+"""Artifact -> TwinModel + tokenizer on the chosen device and dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from compression.artifact import BACKBONE, load_exclusive, load_tensors, read_manifest, verify_artifact
+
+from .model import TwinModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedArtifact:
+    path: Path
+    manifest: dict
+    config: PretrainedConfig
+    model: TwinModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e["name"] for e in self.manifest["experts"]]
+
+
+def config_from_manifest(manifest: dict) -> PretrainedConfig:
+    cfg = dict(manifest["config"])
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def build_model(config: PretrainedConfig, state: dict, manifest: dict | None, device, dtype,
+                with_experts: bool = True, path: Path | None = None) -> TwinModel:
+    model = TwinModel(config, {k: v.to(device=device, dtype=dtype) for k, v in state.items()})
+    if with_experts and manifest is not None and path is not None:
+        lowrank, dense = load_exclusive(path, manifest)
+        model.attach_deltas([e["name"] for e in manifest["experts"]],
+                            {k: d.to(device, dtype) for k, d in lowrank.items()},
+                            {k: d.to(device=device, dtype=dtype) for k, d in dense.items()})
+    return model.eval()
+
+
+def load_artifact(path: str | Path, device: str = "auto", dtype: str = "auto", verify: bool = True,
+                  with_experts: bool = True) -> LoadedArtifact:
+    """Verify (checksums) and load an artifact. Raises ArtifactError naming the bad file."""
+    path = Path(path)
+    manifest = verify_artifact(path) if verify else read_manifest(path)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    config = config_from_manifest(manifest)
+    model = build_model(config, load_tensors(path, BACKBONE), manifest, dev, dt, with_experts, path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+    return LoadedArtifact(path, manifest, config, model, tokenizer)
