@@ -28,7 +28,7 @@ def keeps_delta(name: str, policy: RankPolicy) -> bool:
             and not any(fnmatch.fnmatchcase(name, p) for p in policy.exclude))
 
 
-def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False) -> dict:
+def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False, extra_manifest: dict | None = None) -> dict:
     """Build the artifact for ``recipe`` into ``out`` atomically; return the manifest."""
     t0 = time.perf_counter()
     dtype = DTYPES[recipe.dtype]
@@ -92,7 +92,9 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False) -> dict
         "merge": recipe.merge.model_dump(),
         "rank_policy": policy.model_dump(),
         "tensors": tensors,
+        "recipe": recipe.model_dump(mode="json"),
         "router": None,
+        **(extra_manifest or {}),
     }
     with atomic_dir(out) as tmp:
         save_file(backbone, str(tmp / BACKBONE))

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from compression.artifact import atomic_dir
 from compression.recipe import ExpertSpec, MergeSpec, RankPolicy, Recipe, dump_recipe
@@ -25,6 +26,7 @@ from .tokenizer import make_char_tokenizer
 from .train import ZooModelConfig, teacher_forced_exact_match, train_lm
 
 ZOO_VERSION = 1
+hf_logging.disable_progress_bar()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ def build_zoo(out: str | Path, settings: ZooSettings = ZooSettings(), force: boo
     console = console or Console(stderr=True)
     if not force and zoo_is_valid(out, settings):
         console.print(f"[green]zoo cache hit[/] {out} (fingerprint {settings.fingerprint()})")
+        dump_recipe(demo_recipe(settings), out / "recipe.yaml")
         return json.loads((out / "zoo.json").read_text())
     unknown = [t for t in settings.tasks if t not in TASKS]
     if unknown:
@@ -103,17 +106,21 @@ def build_zoo(out: str | Path, settings: ZooSettings = ZooSettings(), force: boo
             info["experts"][name] = stats
             _save(model, tokenizer, tmp / "experts" / name)
 
-        recipe = Recipe(
-            base="base", tokenizer="base",
-            experts=[ExpertSpec(name=n, path=f"experts/{n}", description=TASKS[n].description)
-                     for n in settings.tasks],
-            merge=MergeSpec(method="ties", lam=1.0, density=0.2),
-            rank=RankPolicy(rank=16), dtype="float32")
-        dump_recipe(recipe, tmp / "recipe.yaml")
+        dump_recipe(demo_recipe(settings), tmp / "recipe.yaml")
         info["seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "zoo.json").write_text(json.dumps(info, indent=2))
     print_zoo_table(info, console)
     return info
+
+
+def demo_recipe(settings: ZooSettings) -> Recipe:
+    """The demo's recipe. Task arithmetic at λ = 0.3 as the backbone and rank 16 won a sweep on this zoo
+    (twin_oracle normalised: ties λ=1 0.92, ties λ=0.5 0.97, TA λ=0.1 0.97, average 0.98, TA λ=0.3 ≈1.0)."""
+    return Recipe(
+        base="base", tokenizer="base",
+        experts=[ExpertSpec(name=n, path=f"experts/{n}", description=TASKS[n].description) for n in settings.tasks],
+        merge=MergeSpec(method="task_arithmetic", lam=0.3),
+        rank=RankPolicy(rank=16), dtype="float32")
 
 
 def _save(model: LlamaForCausalLM, tokenizer, path: Path) -> None:

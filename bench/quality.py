@@ -1,0 +1,219 @@
+"""`twinserve eval`: greedy exact match per task for experts, base, static merges and Twin.
+
+Static merges (task_arithmetic, ties, dare) get their λ searched on the validation split, as the
+papers do, so the comparison with Twin is fair. Twin runs through the batched activation-side
+path with every prompt of every task mixed in the same batches.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from compression.artifact import BACKBONE, EXCLUSIVE, read_report, update_artifact
+from compression.checkpoints import LazyState, load_model_state, open_expert
+from compression.merging import merge_params, merge_state
+from server.loading import LoadedArtifact, build_model, load_artifact
+from server.offline import greedy_generate
+from zoo.tasks import read_jsonl
+
+BASELINE_GRID = {
+    "task_arithmetic": [{"lam": x} for x in (0.3, 0.5, 0.7, 1.0)],
+    "ties": [{"lam": x, "density": 0.2} for x in (0.5, 1.0, 1.5)],
+    "dare": [{"lam": x, "drop_p": 0.5} for x in (0.3, 0.5, 1.0)],
+}
+METHODS = ("expert", "base", "task_arithmetic", "ties", "dare", "twin_oracle", "twin_router")
+
+
+class EvalError(ValueError):
+    pass
+
+
+def find_tasks_dir(art: LoadedArtifact, tasks: str | Path | None) -> Path:
+    if tasks is not None:
+        p = Path(tasks)
+    else:  # the demo zoo keeps tasks/ beside base/
+        p = Path(art.manifest["base"]).parent / "tasks"
+    if not p.is_dir():
+        raise EvalError(f"task splits not found at {p}; pass --tasks DIR (DIR/TASK/test.jsonl)")
+    return p
+
+
+def load_split(tasks_dir: Path, experts: list[str], split: str, limit: int | None) -> dict[str, list[dict]]:
+    out = {}
+    for name in experts:
+        f = tasks_dir / name / f"{split}.jsonl"
+        if not f.is_file():
+            raise EvalError(f"{f}: missing (one split per expert named like the expert)")
+        rows = read_jsonl(f)
+        out[name] = rows[:limit] if limit else rows
+    return out
+
+
+def exact_match(preds: list[str], rows: list[dict]) -> float:
+    return sum(p == r["target"].strip() for p, r in zip(preds, rows)) / max(1, len(rows))
+
+
+def score_model(model, tokenizer, data: dict[str, list[dict]], w_for: Callable[[str, list[dict]], torch.Tensor] | None = None,
+                max_new_tokens: int = 24) -> dict[str, float]:
+    """Exact match per task, all tasks mixed in the same batches (w_for(task, rows) -> (n, T) weights)."""
+    prompts, owners, ws = [], [], []
+    for task, rows in data.items():
+        prompts += [r["prompt"] for r in rows]
+        owners += [task] * len(rows)
+        if w_for is not None:
+            ws.append(w_for(task, rows))
+    w = torch.cat(ws) if ws else None
+    preds = greedy_generate(model, tokenizer, prompts, w, max_new_tokens=max_new_tokens)
+    scores = {}
+    i = 0
+    for task, rows in data.items():
+        scores[task] = exact_match(preds[i:i + len(rows)], rows)
+        i += len(rows)
+    return scores
+
+
+def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | None = None,
+             methods: tuple[str, ...] = METHODS, write: bool = True, console: Console | None = None,
+             router_weights: Callable | None = None) -> dict:
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    art = load_artifact(path, device="cpu", dtype="float32")
+    names = art.expert_names
+    tasks_dir = find_tasks_dir(art, tasks)
+    test = load_split(tasks_dir, names, "test", limit)
+    val = load_split(tasks_dir, names, "validation", limit)
+    m = art.manifest
+    results: dict[str, dict[str, float]] = {}
+    chosen: dict[str, dict] = {}
+    dense_bytes = 0
+
+    def dense_model(state):
+        return build_model(art.config, state, None, "cpu", torch.float32, with_experts=False)
+
+    need_dense = {"expert", "base", "task_arithmetic", "ties", "dare"} & set(methods)
+    if need_dense:
+        base_state = load_model_state(m["base"])
+        lazy = LazyState(m["base"])
+        expert_states = []
+        for e in m["experts"]:
+            ex = open_expert(e["source"], lazy)
+            expert_states.append({k: ex.get(k) for k in base_state})
+        dense_bytes = sum(sum(t.numel() * t.element_size() for t in s.values()) for s in expert_states)
+    if "expert" in methods:
+        results["expert"] = {}
+        for name, state in zip(names, expert_states):
+            with console.status(f"expert {name}"):
+                results["expert"][name] = score_model(dense_model(state), art.tokenizer, {name: test[name]})[name]
+    if "base" in methods:
+        with console.status("base"):
+            results["base"] = score_model(dense_model(base_state), art.tokenizer, test)
+    for method in ("task_arithmetic", "ties", "dare"):
+        if method not in methods:
+            continue
+        best = None
+        for params in BASELINE_GRID[method]:
+            with console.status(f"{method} {params} (validation)"):
+                state = merge_state(base_state, expert_states, method, **merge_params(method, **params))
+                model = dense_model(state)
+                v = score_model(model, art.tokenizer, val)
+                mean = sum(v.values()) / len(v)
+            if best is None or mean > best[0]:
+                best = (mean, params, model)
+        chosen[method] = best[1]
+        with console.status(f"{method} {best[1]} (test)"):
+            results[method] = score_model(best[2], art.tokenizer, test)
+    eye = torch.eye(len(names))
+    if "twin_oracle" in methods:
+        with console.status("twin oracle (one-hot on the true task, batched low-rank path)"):
+            results["twin_oracle"] = score_model(art.model, art.tokenizer, test,
+                                                 lambda task, rows: eye[names.index(task)].expand(len(rows), -1))
+    router_section = None
+    w_router = router_weights(art) if ("twin_router" in methods and router_weights is not None) else None
+    if w_router is not None:
+        with console.status("twin router (learned routing, batched low-rank path)"):
+            results["twin_router"] = score_model(art.model, art.tokenizer, test, w_router)
+            router_section = router_report(art, test)
+
+    quality = build_quality(results, names)
+    report = read_report(path)
+    report["quality"] = quality
+    report["quality"]["baseline_params"] = chosen
+    report["quality"]["test_size_per_task"] = {n: len(r) for n, r in test.items()}
+    report["storage_bytes"] = {
+        "backbone": (Path(path) / BACKBONE).stat().st_size,
+        "exclusive": (Path(path) / EXCLUSIVE).stat().st_size,
+        "dense_experts": dense_bytes,
+    }
+    if router_section is not None:
+        report["router"] = router_section
+    report["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    if write:
+        update_artifact(path, {"report.json": json.dumps(report, indent=2)})
+    print_quality_table(report, names, console)
+    return report
+
+
+def router_report(art: LoadedArtifact, test: dict[str, list[dict]]) -> dict:
+    from router.evaluate import cost_fraction_of_prefill, unknown_prompt_report
+    from router.features import prompt_features
+    from router.model import load_router
+
+    router = load_router(art.path, art.manifest)
+    train = art.manifest["router"]["train"]
+    rows = [r for rs in test.values() for r in rs]
+    names = art.expert_names
+    x = prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config.feature_layer)
+    routed = router.route(x)
+    truth = torch.tensor([names.index(r["task"]) for r in rows])
+    return {
+        "heldout_accuracy": train["heldout_accuracy"],
+        "test_top1_accuracy": round(float((routed.top == truth).float().mean()), 4),
+        "test_fallback_rate": round(float(routed.fallback.float().mean()), 4),
+        "feature_layer": router.config.feature_layer,
+        "num_layers": art.model.args.num_layers,
+        "cost_fraction_of_prefill": round(cost_fraction_of_prefill(art, router, [r["prompt"] for r in rows[:256]]), 4),
+        "confusion": train["confusion"],
+        "unknown_prompts": unknown_prompt_report(art, router),
+    }
+
+
+def build_quality(results: dict[str, dict[str, float]], names: list[str]) -> dict:
+    """{"tasks": {task: {method: score}}, "normalized": {method: mean(score / expert score)}}."""
+    tasks = {n: {meth: round(r[n], 4) for meth, r in results.items() if n in r} for n in names}
+    normalized = {}
+    if "expert" in results:
+        for meth, r in results.items():
+            vals = [r[n] / results["expert"][n] for n in names if n in r and results["expert"][n] > 0]
+            if vals:
+                normalized[meth] = round(sum(vals) / len(vals), 4)
+    return {"tasks": tasks, "normalized": normalized}
+
+
+def print_quality_table(report: dict, names: list[str], console: Console) -> None:
+    q = report["quality"]
+    methods = [m for m in METHODS if any(m in q["tasks"][n] for n in names)]
+    table = Table(title="greedy exact match on the test split")
+    table.add_column("task")
+    for meth in methods:
+        table.add_column(meth, justify="right")
+    for n in names:
+        table.add_row(n, *[f"{q['tasks'][n][m]:.3f}" if m in q["tasks"][n] else "" for m in methods])
+    table.add_row("[bold]normalised[/]", *[f"[bold]{q['normalized'][m]:.3f}[/]" if m in q["normalized"] else ""
+                                            for m in methods])
+    console.print(table)
+    s = report["storage_bytes"]
+    ratio = s["exclusive"] / s["dense_experts"] if s["dense_experts"] else float("nan")
+    r = report.get("router")
+    if r:
+        console.print(f"router: held-out top-1 {r['heldout_accuracy']:.3f} · test top-1 {r['test_top1_accuracy']:.3f} · "
+                      f"feature layer {r['feature_layer']}/{r['num_layers']} · cost {r['cost_fraction_of_prefill']:.3f} "
+                      f"of a prefill · fallback on unknown prompts {r['unknown_prompts']['fallback_rate']:.2f} "
+                      f"(test prompts {r['test_fallback_rate']:.3f})")
+    console.print(f"storage: backbone {s['backbone']:,} B · exclusive factors {s['exclusive']:,} B · "
+                  f"dense experts {s['dense_experts']:,} B · exclusive/dense experts = {ratio:.3f}")

@@ -1,0 +1,165 @@
+"""`twinserve` command line: thin wrappers over the packages. Bad input exits with code 2 and a message."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from compression.artifact import ArtifactError
+    from compression.checkpoints import CheckpointError
+    from compression.recipe import RecipeError
+    from bench.quality import EvalError
+    from server.model import UnsupportedModelError
+    errors = [ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError]
+    try:
+        from router.train import RouterDataError
+        errors.append(RouterDataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ---- subcommands -------------------------------------------------------------------------------
+def cmd_zoo(args) -> int:
+    from zoo.build import ZooSettings, build_zoo
+    build_zoo(args.output, ZooSettings(seed=args.seed), force=args.force, console=console)
+    return 0
+
+
+def cmd_build(args) -> int:
+    from compression.build import build_artifact
+    from compression.recipe import load_recipe
+    recipe = load_recipe(args.recipe)
+    if args.rank is not None:
+        recipe = recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": args.rank, "energy": None})})
+    build_artifact(recipe, args.output)
+    console.print(f"[green]artifact written[/] {args.output}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from bench.quality import METHODS, evaluate
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UsageError(f"--methods: unknown method(s) {', '.join(bad)} (known: {', '.join(METHODS)})")
+    report = evaluate(args.artifact, tasks=args.tasks, limit=args.limit, methods=methods,
+                      write=not args.no_write, console=console, router_weights=_router_weights())
+    if args.json:
+        print(json.dumps(report["quality"], indent=2))
+    return 0
+
+
+def _router_weights():
+    try:
+        from router.evaluate import router_weight_fn
+    except ImportError:
+        return None
+    return router_weight_fn
+
+
+def cmd_demo(args) -> int:
+    """zoo (cached) -> artifact (cached) -> router -> eval."""
+    from compression.artifact import ArtifactError, read_report, verify_artifact
+    from compression.build import build_artifact
+    from compression.recipe import load_recipe
+    from zoo.build import ZooSettings, build_zoo
+    info = build_zoo(args.zoo, ZooSettings(seed=args.seed), console=console)
+    recipe = load_recipe(Path(args.zoo) / "recipe.yaml")
+    out = Path(args.output)
+    fresh = False
+    try:
+        m = verify_artifact(out)
+        fresh = m.get("recipe") == recipe.model_dump(mode="json") and m.get("zoo_fingerprint") == info["fingerprint"]
+    except ArtifactError:
+        pass
+    if fresh:
+        console.print(f"[green]artifact cache hit[/] {out}")
+    else:
+        build_artifact(recipe, out, extra_manifest={"zoo_fingerprint": info["fingerprint"]})
+    try:
+        from router.train import ensure_demo_router
+        ensure_demo_router(out, Path(args.zoo), console=console)
+    except ImportError:
+        pass
+    report = read_report(out)
+    if "quality" not in report or args.reeval:
+        from bench.quality import evaluate
+        evaluate(out, console=console, router_weights=_router_weights())
+    else:
+        from bench.quality import print_quality_table
+        print_quality_table(report, [e["name"] for e in verify_artifact(out)["experts"]], console)
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twinserve", description="Twin-Merging inference server: compress experts "
+                                "into a shared backbone + low-rank exclusive deltas, route per prompt, serve.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    z = sub.add_parser("zoo", help="build the demo model zoo (tiny Llama base + one expert per synthetic task)")
+    z.add_argument("-o", "--output", required=True, help="output directory (e.g. artifacts/zoo)")
+    z.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
+    z.add_argument("--force", action="store_true", help="rebuild even if a valid cached zoo exists")
+    z.set_defaults(fn=cmd_zoo)
+
+    b = sub.add_parser("build", help="recipe (YAML/JSON) -> artifact: merge, exclusive deltas, truncated SVD")
+    b.add_argument("recipe", help="recipe file (see deploy/recipes/)")
+    b.add_argument("-o", "--output", required=True, help="artifact directory (written atomically)")
+    b.add_argument("--rank", type=int, default=None, help="override the recipe's fixed rank")
+    b.set_defaults(fn=cmd_build)
+
+    e = sub.add_parser("eval", help="quality table: experts, base, TA, TIES, DARE, Twin (oracle and router)")
+    e.add_argument("artifact", help="artifact directory")
+    e.add_argument("--tasks", default=None, help="task splits DIR/TASK/{validation,test}.jsonl "
+                   "(default: tasks/ beside the artifact's base model)")
+    e.add_argument("--limit", type=int, default=None, help="at most this many prompts per task and split")
+    e.add_argument("--methods", default=None, help="comma-separated subset of methods")
+    e.add_argument("--no-write", action="store_true", help="do not write the results into report.json")
+    e.add_argument("--json", action="store_true", help="also print the quality section as JSON on stdout")
+    e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("demo", help="build (or reuse) the demo zoo and artifact, train the router, evaluate")
+    d.add_argument("--zoo", default="artifacts/zoo", help="zoo directory (default artifacts/zoo)")
+    d.add_argument("-o", "--output", default="artifacts/demo", help="artifact directory (default artifacts/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--reeval", action="store_true", help="re-run the evaluation even if report.json has one")
+    d.set_defaults(fn=cmd_demo)
+
+    for extra in ("router.cli", "server.serve_cli", "loadtest.cli", "bench.cli"):
+        try:
+            __import__(extra, fromlist=["register"]).register(sub)
+        except ImportError:
+            pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    except _known_errors() as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
