@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from compression.fusion import LowRankDeltas, delta_activations
+from compression.fusion import LowRankDeltas, delta_activations, materialize_weight
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -263,6 +263,32 @@ class TwinModel(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)
         logits = self.lm_head(self.norm(x, w), w)
         return logits[:, 0] if logits_at is not None else logits
+
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """θ* under HF names (tied lm_head left out, as in tied checkpoints)."""
+        out = {}
+        for name, buf in self.named_buffers():
+            if name.startswith("rotary.") or buf is None:
+                continue
+            out[name if name.startswith("lm_head.") else "model." + name] = buf
+        return out
+
+    def fused(self, w: torch.Tensor) -> "TwinModel":
+        """Reference path: a new dense model with θ* + Σ_t w_t δ̂_t materialised (w: (T,))."""
+        w = w.to(device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
+        state = {}
+        for key, t in self.backbone_state().items():
+            mod, attr = self.module_for(key)
+            if attr == "bias" and getattr(mod, "bias_deltas", None) is not None:
+                t = t + w @ mod.bias_deltas
+            elif attr == "weight" and isinstance(mod, TwinRMSNorm) and mod.deltas is not None:
+                t = t + w @ mod.deltas
+            elif attr == "weight" and getattr(mod, "deltas", None) is not None and mod.deltas.rank:
+                t = materialize_weight(t, mod.deltas, w)
+            state[key] = t
+        if not self.tied and self.lm_head.deltas is not None and self.lm_head.deltas.rank:
+            state["lm_head.weight"] = materialize_weight(self.lm_head.weight, self.lm_head.deltas, w)
+        return TwinModel(self.config, state).eval()
 
     def new_cache(self, slots: int, max_seq: int) -> KVCache:
         return KVCache(self.args, slots, max_seq, device=self.embed_tokens.weight.device,

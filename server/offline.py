@@ -6,15 +6,17 @@ import torch
 from .model import TwinModel
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids with <bos> first when the tokenizer has one (and the text does not already start with it)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Prompt token ids with <bos> (when the tokenizer has one), as the server encodes them."""
-    out = []
-    for p in prompts:
-        ids = tokenizer.encode(p, add_special_tokens=False)
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
-        out.append(ids)
-    return out
+    return [encode_prompt(tokenizer, p) for p in prompts]
 
 
 def right_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,102 @@
+"""create_app(settings): load the artifact at startup, run the engine, map every error to OpenAI JSON."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+
+from compression import __version__
+
+from .errors import APIError, InternalError
+from .settings import Settings
+
+log = logging.getLogger("twinserve")
+
+
+def load_state(app: FastAPI, settings: Settings) -> None:
+    """Blocking: verify and load the artifact, router, metrics, engine; attach them to app.state."""
+    from router.model import load_router
+
+    from .engine import Engine
+    from .loading import load_artifact
+    from .metrics import Metrics
+    from .service import Service
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    art = load_artifact(settings.artifact, device=settings.device, dtype=settings.dtype,
+                        verify=settings.verify_artifact, with_experts=settings.mode != "backbone")
+    router = load_router(art.path, art.manifest)
+    name = settings.model_name or Path(settings.artifact).resolve().name
+    metrics = Metrics(art.expert_names, settings.mode, name)
+    engine = Engine(art, router, settings, metrics)
+    app.state.artifact = art
+    app.state.metrics = metrics
+    app.state.engine = engine
+    app.state.service = Service(engine, settings, name)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(load_state, app, settings)
+        await app.state.engine.start()
+        log.info("twinserve ready: %s (%s mode, %s experts)", settings.artifact, settings.mode,
+                 len(app.state.artifact.expert_names))
+        yield
+        await app.state.engine.stop()
+
+    app = FastAPIOffline(title="twinserve", version=__version__, lifespan=lifespan,
+                         description="OpenAI-compatible server for Twin-Merging: a shared backbone plus "
+                                     "router-weighted low-rank exclusive experts, per request, in one batch.")
+    app.state.settings = settings
+    app.state.created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or None
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+                        for e in errs[:5])
+        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param,
+                                       "code": "invalid_value"}}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(InternalError(f"internal error ({type(exc).__name__})").body(), status_code=500)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        metrics = getattr(request.app.state, "metrics", None)
+        route = request.scope.get("route")
+        if metrics is not None:
+            endpoint = getattr(route, "path", "unmatched")
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    from .routes import router
+    app.include_router(router)
+    try:
+        from .playground import mount_playground
+        mount_playground(app)
+    except ImportError:
+        pass
+    return app

@@ -1,0 +1,39 @@
+"""Server settings: the only place that reads the environment (TWINSERVE_*)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Mode = Literal["lowrank", "materialize", "backbone", "expert"]
+
+
+class Settings(BaseSettings):
+    """Every field can be set as TWINSERVE_<NAME> (e.g. TWINSERVE_MAX_BATCH_SIZE=32) or a CLI flag."""
+
+    model_config = SettingsConfigDict(env_prefix="TWINSERVE_", extra="ignore")
+
+    artifact: str = Field("artifacts/demo", description="artifact directory to serve")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=1, le=65535, description="bind port")
+    model_name: str | None = Field(None, description="model id in the API (default: artifact dir name)")
+    mode: Mode = Field("lowrank", description="lowrank (batched activation-side deltas), materialize "
+                       "(fuse weights per request, batch 1), backbone (shared only), expert (dense experts, batch 1)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="rows in the running decode batch")
+    max_tokens_per_step: int = Field(4096, ge=16, description="prompt tokens prefilled per engine step")
+    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    max_model_len: int | None = Field(None, ge=8, description="context limit (default: model's max positions)")
+    max_tokens_default: int = Field(16, ge=1, description="max_tokens when the request omits it")
+    request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 after it)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for in-flight work")
+    materialize_cache: int = Field(4, ge=1, description="fused models kept by materialize/expert modes (LRU)")
+    router_top_k: int | None = Field(None, ge=1, description="override the router's top-k")
+    router_temperature: float | None = Field(None, gt=0, description="override the router's temperature")
+    api_key: str | None = Field(None, description="require Authorization: Bearer <key> on /v1/*")
+    verify_artifact: bool = Field(True, description="check artifact checksums at startup")
+    log_level: str = Field("info", description="uvicorn log level")
