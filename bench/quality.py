@@ -217,3 +217,41 @@ def print_quality_table(report: dict, names: list[str], console: Console) -> Non
                       f"(test prompts {r['test_fallback_rate']:.3f})")
     console.print(f"storage: backbone {s['backbone']:,} B · exclusive factors {s['exclusive']:,} B · "
                   f"dense experts {s['dense_experts']:,} B · exclusive/dense experts = {ratio:.3f}")
+
+
+def rank_sweep(path: str | Path, ranks: list[int], tasks: str | Path | None = None, limit: int | None = None,
+               console: Console | None = None) -> list[dict]:
+    """Rebuild the artifact's recipe at each rank (temp dirs) and score Twin with oracle routing."""
+    import tempfile
+
+    from compression.artifact import verify_artifact
+    from compression.build import build_artifact
+    from compression.recipe import Recipe
+
+    console = console or Console(stderr=True)
+    manifest = verify_artifact(path)
+    if "recipe" not in manifest:
+        raise EvalError(f"{path}: manifest has no recipe; rebuild it with this version to sweep ranks")
+    recipe = Recipe.model_validate(manifest["recipe"])
+    tasks = tasks or str(find_tasks_dir(load_artifact(path, device="cpu", dtype="float32"), None))
+    rows = []
+    quiet = Console(file=open("/dev/null", "w"))
+    for r in ranks:
+        with tempfile.TemporaryDirectory() as tmp, console.status(f"rank {r}: build + twin_oracle"):
+            out = Path(tmp) / "a"
+            rec = recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": r, "energy": None})})
+            build_artifact(rec, out, quiet=True)
+            rep = evaluate(out, tasks=tasks, limit=limit, methods=("expert", "twin_oracle"), write=False,
+                           console=quiet)
+            s = rep["storage_bytes"]
+            rows.append({"rank": r, "twin_oracle_normalized": rep["quality"]["normalized"]["twin_oracle"],
+                         "exclusive_bytes": s["exclusive"], "dense_experts_bytes": s["dense_experts"],
+                         "exclusive_fraction": round(s["exclusive"] / s["dense_experts"], 4)})
+    table = Table(title="rank sweep: Twin with oracle routing")
+    for col in ("rank", "twin_oracle normalised", "exclusive bytes", "fraction of dense experts"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(str(row["rank"]), f"{row['twin_oracle_normalized']:.3f}", f"{row['exclusive_bytes']:,}",
+                      f"{row['exclusive_fraction']:.3f}")
+    console.print(table)
+    return rows

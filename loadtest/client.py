@@ -72,7 +72,7 @@ def check_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise LoadtestError(f"--url must not carry a query or fragment: {url!r}")
     base = url.strip().rstrip("/")
-    return base[:-3] if base.endswith("/v1") else base
+    return base.removesuffix("/v1")
 
 
 def make_client(max_connections: int, timeout: float) -> httpx.AsyncClient:

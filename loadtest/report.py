@@ -156,14 +156,15 @@ def print_summary(report: dict, console: Console) -> None:
     s, lat = report["summary"], report["latency"]
     t = Table(title=f"loadtest: {s['ok']}/{s['requests']} ok in {s['duration_s']:.1f} s, "
                     f"{_fmt(s['throughput_rps'], '.2f')} req/s, {_fmt(s['output_tokens_per_s'], '.1f')} tok/s")
-    for col in ("task", "reqs", "ok", "EM", "routing", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99"):
-        t.add_column(col, justify="left" if col == "task" else "right")
+    t.add_column("task", no_wrap=True)
+    for col in ("reqs", "errs", "EM", "routing", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99"):
+        t.add_column(col, justify="right")
     for name, ts in report["tasks"].items():
-        t.add_row(name, str(ts["requests"]), str(ts["ok"]), _fmt(ts["exact_match"], ".3f"),
+        t.add_row(name, str(ts["requests"]), str(ts["requests"] - ts["ok"]), _fmt(ts["exact_match"], ".3f"),
                   _fmt(ts["routing_accuracy"], ".3f"), _fmt(ts["ttft_ms"]["p50"]), _fmt(ts["ttft_ms"]["p99"]),
                   _fmt(ts["e2e_ms"]["p50"]), _fmt(ts["e2e_ms"]["p99"]))
     t.add_section()
-    t.add_row("all", str(s["requests"]), str(s["ok"]), _fmt(s["exact_match"], ".3f"),
+    t.add_row("all", str(s["requests"]), str(s["failed"]), _fmt(s["exact_match"], ".3f"),
               _fmt(s["routing_accuracy"], ".3f"), _fmt(lat["ttft_ms"]["p50"]), _fmt(lat["ttft_ms"]["p99"]),
               _fmt(lat["e2e_ms"]["p50"]), _fmt(lat["e2e_ms"]["p99"]))
     console.print(t)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from .client import Result, check_url, make_client, stream_completion
 from .workload import LoadtestError, Workload
@@ -32,7 +32,7 @@ class RunConfig:
     seed: int = 0
     timeout: float = 60.0
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         self.url = check_url(self.url)
         if self.concurrency is not None and self.rate is not None:
             raise LoadtestError("give either --concurrency or --rate, not both")
@@ -119,8 +119,6 @@ async def run_async(workload: Workload, cfg: RunConfig,
                 delay = t0 + off - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if time.perf_counter() >= deadline:
-                    break
                 tasks.append(asyncio.create_task(one(i)))
                 issued += 1
             await asyncio.gather(*tasks)

@@ -55,6 +55,18 @@ def cmd_eval(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"--methods: unknown method(s) {', '.join(bad)} (known: {', '.join(METHODS)})")
+    if args.sweep_ranks:
+        from bench.quality import rank_sweep
+        try:
+            ranks = [int(x) for x in args.sweep_ranks.split(",")]
+        except ValueError:
+            raise UsageError(f"--sweep-ranks: expected comma-separated integers, got {args.sweep_ranks!r}") from None
+        if any(r < 1 for r in ranks):
+            raise UsageError("--sweep-ranks: ranks must be >= 1")
+        rows = rank_sweep(args.artifact, ranks, tasks=args.tasks, limit=args.limit, console=console)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        return 0
     report = evaluate(args.artifact, tasks=args.tasks, limit=args.limit, methods=methods,
                       write=not args.no_write, console=console, router_weights=_router_weights())
     if args.json:
@@ -130,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", default=None, help="comma-separated subset of methods")
     e.add_argument("--no-write", action="store_true", help="do not write the results into report.json")
     e.add_argument("--json", action="store_true", help="also print the quality section as JSON on stdout")
+    e.add_argument("--sweep-ranks", default=None, metavar="R1,R2,...",
+                   help="instead: rebuild the artifact's recipe at these ranks and score twin_oracle at each")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="build (or reuse) the demo zoo and artifact, train the router, evaluate")
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted[/]")
         return 130
     except _known_errors() as e:
-        console.print(f"[red]error:[/] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -214,7 +214,8 @@ class Engine:
         if need:
             t0 = time.perf_counter()
             pad = self.tokenizer.pad_token_id or 0
-            feats = pooled_features(self.model, [r.prompt_ids for r in need], self.router.config.feature_layer, pad)
+            feats = pooled_features(self.model, [r.prompt_ids for r in need], self.router.config.feature_layer,
+                                    pad).cpu()  # the router MLP is tiny and lives on the CPU
             default_k, default_t = self.settings.router_top_k, self.settings.router_temperature
             groups: dict[tuple, list[int]] = {}
             for i, r in enumerate(need):

@@ -7,6 +7,7 @@ read-only: copy it first (``artifact_copy``) before tampering or updating.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -174,3 +175,131 @@ def artifact_copy(tiny_artifact, tmp_path) -> Path:
     dst = tmp_path / "artifact"
     shutil.copytree(tiny_artifact, dst)
     return dst
+
+
+# ----------------------------------------------------------------------------- router + server
+
+# Easily separable synthetic router data: each expert's prompts start with its own word and use
+# letters no other expert's prompts use, so the mean-pooled features of different tasks differ.
+ROUTER_TASK_LETTERS = {"math": "abcdefg", "code": "hijklmn", "chat": "opqrstu"}
+ROUTER_TASK_WORDS = {"math": "add", "code": "jim", "chat": "purr"}
+ROUTER_UNKNOWN_LETTERS = "vwxyz"  # in no task: features far from every centroid
+
+
+def router_prompt(task: str, rng) -> str:
+    letters = ROUTER_TASK_LETTERS[task]
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(3, 5))]
+    return " ".join([ROUTER_TASK_WORDS[task]] + words)
+
+
+def router_rows(n_per_task: int = 30, seed: int = 0, tasks=EXPERT_NAMES) -> list[dict]:
+    """Labelled router rows {"prompt", "task"}: n_per_task per task, deterministic in ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    return [{"prompt": router_prompt(t, rng), "task": t} for t in tasks for _ in range(n_per_task)]
+
+
+def write_router_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROUTER_TRAIN = {"layer": 1, "hidden": 32, "epochs": 120, "heldout": 0.25, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def routed_artifact(tiny_artifact, tmp_path_factory) -> Path:
+    """``tiny_artifact`` (3 experts) plus a router trained on ``router_rows`` at layer 1; read-only.
+
+    The router's report (held-out accuracy, layer) is in the manifest's router section.
+    """
+    from rich.console import Console
+
+    from router.train import save_router, train_router
+    from server.loading import load_artifact
+
+    dst = tmp_path_factory.mktemp("artifacts") / "tiny"   # dir name = default model id "tiny"
+    shutil.copytree(tiny_artifact, dst)
+    art = load_artifact(dst, device="cpu", dtype="float32")
+    router, report = train_router(art, router_rows(), console=Console(quiet=True), **ROUTER_TRAIN)
+    save_router(dst, router, report)
+    return dst
+
+
+def server_settings(artifact: str | Path, **overrides):
+    """Settings for tests: cpu fp32, model id "tiny", short drain, 1 torch thread."""
+    from server.settings import Settings
+
+    kw = dict(artifact=str(artifact), model_name="tiny", device="cpu", dtype="float32", max_batch_size=8,
+              drain_timeout_s=2.0, request_timeout_s=60.0)
+    kw.update(overrides)
+    return Settings(**kw)
+
+
+@contextlib.contextmanager
+def app_client(artifact: str | Path, **overrides):
+    """A fastapi TestClient over create_app(server_settings(...)); the lifespan (load + engine) runs inside."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    with TestClient(create_app(server_settings(artifact, **overrides))) as client:
+        yield client
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(artifact: str | Path, **overrides):
+    """uvicorn serving create_app(...) on 127.0.0.1:<free port> in a background thread.
+
+    Yields an object with ``url`` (http://127.0.0.1:PORT), ``app`` and ``port``.
+    """
+    import threading
+    import time
+    import types
+
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(server_settings(artifact, **overrides))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=3))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    t_end = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("live server failed to start")
+        if time.monotonic() > t_end:
+            raise TimeoutError("live server did not start within 60 s")
+        time.sleep(0.02)
+    try:
+        yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, app=app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(routed_artifact):
+    """TestClient over the routed artifact (lowrank mode, max_batch_size 8), shared by a module."""
+    with app_client(routed_artifact) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def server(routed_artifact):
+    """A live uvicorn server over the routed artifact (see ``live_server``), shared by the session."""
+    with live_server(routed_artifact) as s:
+        yield s

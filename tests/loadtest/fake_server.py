@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 import uvicorn
 from starlette.applications import Starlette
@@ -48,7 +49,7 @@ def _error(status: int, message: str, etype: str, headers: dict | None = None) -
 def answer(prompt: str) -> tuple[str, str]:
     """(top_expert, text) for a prompt "TASK INPUT="."""
     task, _, rest = prompt.partition(" ")
-    x = rest[:-1] if rest.endswith("=") else rest
+    x = rest.removesuffix("=")
     routed = MISROUTE.get(task, task)
     fn = TASKS[routed].fn if routed in TASKS else (lambda s: s)
     return routed, fn(x)
@@ -111,7 +112,7 @@ class FakeServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
