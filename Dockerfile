@@ -64,9 +64,10 @@ RUN pip install --no-deps /src \
 # ------------------------------------------------------------------------------- demo-build
 # Only built for `--target demo` (BuildKit and buildah skip stages the target does not need).
 FROM build AS demo-build
+# One thread: the demo models are tiny, and on a busy host OpenMP spin-waiting makes 2 threads far slower.
 # DL3064: hadolint reads TOKENIZERS_PARALLELISM as a secret ("TOKEN"); it is a HF tokenizers switch.
 # hadolint ignore=DL3064
-ENV OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ENV OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 RUN twinserve demo --zoo /tmp/zoo -o /artifacts/demo \
     && rm -rf /tmp/zoo
 

@@ -39,6 +39,7 @@ start=$(date +%s)
 # shellcheck disable=SC2086
 "$ENGINE" build "${flags[@]}" --target "$TARGET" -t "$TAG" ${EXTRA_BUILD_ARGS:-} .
 end=$(date +%s)
+"$ENGINE" image inspect "$TAG" > /dev/null || { echo "build-image: $TAG was not built" >&2; exit 1; }
 
 echo "build-image: built $TAG (target $TARGET) in $((end - start)) s" >&2
 "$ENGINE" image ls "$TAG" >&2

@@ -21,6 +21,13 @@ if [ "$1" = "serve" ]; then
                 echo "  or build the demo into a writable volume: docker run -v twinserve-artifacts:/artifacts IMAGE demo --zoo /artifacts/zoo -o /artifacts/demo" >&2
                 exit 2
             fi
+            unreadable="$(find "$artifact" ! -readable -print 2>/dev/null | head -n 3)"
+            if [ -n "$unreadable" ]; then
+                echo "twinserve-entrypoint: uid $(id -u) cannot read:" >&2
+                echo "$unreadable" | sed 's/^/  /' >&2
+                echo "  (safetensors writes files 0600; run 'chmod -R a+rX' on the artifact dir, or chown it to uid 10001)" >&2
+                exit 2
+            fi
             exec twinserve serve "$artifact" --host "${TWINSERVE_HOST:-0.0.0.0}" --port "${TWINSERVE_PORT:-8000}" "$@"
             ;;
         *)

@@ -157,7 +157,7 @@ def print_summary(report: dict, console: Console) -> None:
     t = Table(title=f"loadtest: {s['ok']}/{s['requests']} ok in {s['duration_s']:.1f} s, "
                     f"{_fmt(s['throughput_rps'], '.2f')} req/s, {_fmt(s['output_tokens_per_s'], '.1f')} tok/s")
     t.add_column("task", no_wrap=True)
-    for col in ("reqs", "errs", "EM", "routing", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99"):
+    for col in ("reqs", "errs", "EM", "route", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99"):
         t.add_column(col, justify="right")
     for name, ts in report["tasks"].items():
         t.add_row(name, str(ts["requests"]), str(ts["requests"] - ts["ok"]), _fmt(ts["exact_match"], ".3f"),

@@ -161,7 +161,7 @@ class Engine:
                 await loop.run_in_executor(self._executor, self._step)
             except Exception as e:  # a bug must not kill the server: fail the batch, keep serving
                 log.exception("engine step failed")
-                for req in self.running:
+                for req in list(self.running):  # _release removes from self.running
                     self._release(req)
                     req.emit("error", InternalError(f"engine error: {type(e).__name__}"))
                 self.running.clear()

@@ -26,6 +26,13 @@ class LoadedArtifact:
     def expert_names(self) -> list[str]:
         return [e["name"] for e in self.manifest["experts"]]
 
+    def expert_model(self, t: int) -> TwinModel:
+        """Dense expert t from its source dir in the manifest (mode `expert`), on the backbone's device/dtype."""
+        from compression.checkpoints import LazyState, open_expert
+        base, ref = LazyState(self.manifest["base"]), self.model.embed_tokens.weight
+        expert = open_expert(self.manifest["experts"][t]["source"], base)
+        return TwinModel(self.config, {k: expert.get(k).to(ref.device, ref.dtype) for k in base.keys()}).eval()
+
 
 def config_from_manifest(manifest: dict) -> PretrainedConfig:
     cfg = dict(manifest["config"])

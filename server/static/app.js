@@ -256,7 +256,9 @@
 
   function renderRouting(panel, routing) {
     const p = panelParts(panel);
-    p.top.textContent = routing.top_expert || "none";
+    const top = routing.top_expert || "none";
+    p.top.textContent = routing.fallback && routing.top_expert ? `${top} (unused)` : top;
+    p.top.title = routing.fallback ? "router confidence too low: the backbone answered alone" : "";
     p.entropy.textContent = fmt.num(routing.entropy, 3);
     p.fallback.textContent = routing.fallback ? "yes · backbone only" : "no";
     p.fallback.className = routing.fallback ? "warn-text" : "";

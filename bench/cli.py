@@ -1,0 +1,180 @@
+"""``twinserve bench``: throughput, latency and memory of every fusion mode, on the real engine, in one process.
+
+Registered into ``server.cli`` through ``register(sub)``. Examples:
+
+  twinserve bench artifacts/demo --out bench.json                 # the demo artifact -> "demo_ratios"
+  twinserve bench artifacts/demo --synthetic --out bench.json     # + a random 8-layer 1024-wide artifact
+  twinserve bench --synthetic --quick --out /tmp/b.json           # seconds: tiny sizes, few requests
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from .report import check_targets, compute_ratios, print_ratios, print_runs, write_json_atomic
+from .runner import MODES, ArtifactBench, bench_artifact, peak_rss_bytes
+from .synthetic import SyntheticSpec, build_synthetic_artifact
+
+DEFAULTS = {"requests": 64, "batch_sizes": [1, 8, 16], "max_tokens": 16}
+QUICK = {"requests": 8, "batch_sizes": [1, 4], "max_tokens": 4}
+SYNTHETIC_LABEL = "synthetic"
+
+
+class _Usage(ValueError):
+    pass
+
+
+def _usage_error(msg: str) -> Exception:
+    try:
+        from server.cli import UsageError
+        return UsageError(msg)
+    except ImportError:  # pragma: no cover
+        return _Usage(msg)
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _usage_error(f"--batch-sizes: expected comma-separated integers, got {text!r}") from None
+    if not sizes or any(b < 1 or b > 1024 for b in sizes):
+        raise _usage_error(f"--batch-sizes: every size must be in 1..1024, got {text!r}")
+    return sorted(set(sizes))
+
+
+def parse_modes(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return MODES
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise _usage_error(f"--modes: unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(MODES)})")
+    return tuple(m for m in MODES if m in modes)   # canonical order
+
+
+def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = False, requests: int | None = None,
+              batch_sizes: list[int] | None = None, max_tokens: int | None = None,
+              modes: tuple[str, ...] = MODES, tasks: str | Path | None = None, quick: bool = False,
+              threads: int | None = None, synthetic_dir: str | Path | None = None,
+              console: Console | None = None) -> dict:
+    """Run the benchmark and write the JSON report to ``out`` (atomically); return the report."""
+    if console is None:
+        console = Console(stderr=True)
+        if not console.is_terminal:     # logs and CI: do not squeeze the tables into 80 columns
+            console = Console(stderr=True, width=150)
+    base = QUICK if quick else DEFAULTS
+    requests = requests or base["requests"]
+    batch_sizes = batch_sizes or list(base["batch_sizes"])
+    max_tokens = max_tokens or base["max_tokens"]
+    if artifact is None and not synthetic:
+        raise _usage_error("give an ARTIFACT, --synthetic, or both")
+    if requests < 1 or max_tokens < 1:
+        raise _usage_error("--requests and --max-tokens must be >= 1")
+    if threads:
+        torch.set_num_threads(threads)
+    spec = SyntheticSpec.quick() if quick else SyntheticSpec()
+    label = None
+    if artifact is not None:
+        label = Path(artifact).resolve().name or "artifact"
+        if label == SYNTHETIC_LABEL:
+            label += "-artifact"
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+
+    def log(msg: str) -> None:
+        console.print(msg)
+
+    async def bench_all() -> list[ArtifactBench]:
+        done = []
+        kw = dict(modes=modes, batch_sizes=batch_sizes, requests=requests, max_tokens=max_tokens, log=log,
+                  equivalence_requests=min(16, requests))
+        if artifact is not None:
+            done.append(await bench_artifact(artifact, label, tasks=tasks, **kw))
+        if synthetic:
+            with tempfile.TemporaryDirectory(prefix="twinserve-bench-") as tmp:
+                path = Path(synthetic_dir) if synthetic_dir else Path(tmp) / SYNTHETIC_LABEL
+                t = time.perf_counter()
+                with console.status(f"building the synthetic artifact ({spec.num_layers} layers, hidden "
+                                    f"{spec.hidden_size}, {spec.num_experts} experts, rank {spec.rank})"):
+                    build_synthetic_artifact(path, spec)
+                log(f"synthetic artifact built in {time.perf_counter() - t:.1f} s at {path}")
+                done.append(await bench_artifact(path, SYNTHETIC_LABEL, **kw))
+        return done
+
+    results = asyncio.run(bench_all())
+    runs = [r.to_json() for res in results for r in res.runs]
+    ratio_batch = 16 if 16 in batch_sizes else max(batch_sizes)
+    report: dict = {"runs": runs}
+    by_label = {res.label: res for res in results}
+    if SYNTHETIC_LABEL in by_label:
+        report["ratios"] = compute_ratios(runs, SYNTHETIC_LABEL, ratio_batch)
+        report["targets"] = check_targets(report["ratios"])
+    if label is not None:
+        report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
+    report["config"] = {
+        "requests": requests, "batch_sizes": batch_sizes, "max_tokens": max_tokens, "modes": list(modes),
+        "quick": quick, "greedy": True, "ignore_eos": True, "closed_loop": "concurrency = batch size "
+        "(materialize/expert: 1)", "warmup": "one batch of distinct prompts (4 tokens) per configuration",
+        "demo_artifact": label, "synthetic": spec.to_dict() if synthetic else None,
+        "artifacts": {res.label: res.info for res in results},
+        "equivalence": {res.label: res.info["equivalence"] for res in results if "equivalence" in res.info},
+        "skipped": [s for res in results for s in res.skipped],
+        "memory_bytes": "distinct tensor storages held by the engine after the run: model weights, deltas, KV "
+                        "cache, materialize/expert LRU models, router; rss_bytes = /proc/self/statm after the run "
+                        "(whole process, includes every artifact loaded so far)",
+        "device": "cpu", "dtype": "float32", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json_atomic(out, report)
+    print_runs(report, console)
+    print_ratios(report, console)
+    console.print(f"[green]report written[/] {out} ({report['config']['seconds']:.0f} s)")
+    return report
+
+
+def cmd_bench(args) -> int:
+    run_bench(args.artifact, args.out, synthetic=args.synthetic, requests=args.requests,
+              batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
+              max_tokens=args.max_tokens, modes=parse_modes(args.modes), tasks=args.tasks, quick=args.quick,
+              threads=args.threads, synthetic_dir=args.synthetic_dir)
+    return 0
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench", help="throughput/latency/memory of backbone, lowrank, lowrank top-2, materialize, expert modes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Drive the serving engine in-process with a closed-loop heterogeneous mix (greedy, "
+                    "ignore_eos) through every fusion mode at each batch size; print a table and write JSON.",
+        epilog="examples:\n  twinserve bench artifacts/demo --synthetic --out artifacts/bench.json\n"
+               "  twinserve bench artifacts/demo --out bench.json --modes backbone,lowrank --batch-sizes 1,16\n"
+               "  twinserve bench --synthetic --quick --out /tmp/bench.json")
+    p.add_argument("artifact", nargs="?", default=None, help="artifact directory (its ratios go to demo_ratios)")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="write the JSON report here (atomically)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="also build a random artifact of realistic shape (temp dir) and bench it -> ratios")
+    p.add_argument("--requests", type=int, default=None, metavar="N", help="requests per run (default 64)")
+    p.add_argument("--batch-sizes", default=None, metavar="B,...", help="engine max_batch_size values = "
+                   "concurrency (default 1,8,16)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="M",
+                   help="tokens generated per request (default 16)")
+    p.add_argument("--modes", default=None, metavar="MODE,...", help=f"subset of {','.join(MODES)} (default all)")
+    p.add_argument("--tasks", default=None, metavar="DIR", help="task splits DIR/TASK/test.jsonl (default: "
+                   "tasks/ beside the artifact's base model; random-token prompts when there are none)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--synthetic-dir", default=None, metavar="DIR",
+                   help="write the synthetic artifact here and keep it (default: a temp dir, removed)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for tests: 8 requests, batch 1,4, "
+                   "4 tokens, a 2-layer synthetic artifact")
+    p.set_defaults(fn=cmd_bench)
+    return p

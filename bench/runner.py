@@ -1,0 +1,484 @@
+"""Drive the real ``server.engine.Engine`` in-process with a closed-loop heterogeneous mix, per fusion mode.
+
+For every (mode, max_batch_size) the engine is built as ``server.app.load_state`` builds it
+(LoadedArtifact + router + Settings + Metrics), started, warmed up with requests of the same shape,
+and then fed the timed mix by ``batch_size`` concurrent clients (closed loop: each client submits its
+next request when the previous one is done). Decoding is greedy with ``ignore_eos`` so every request
+generates exactly ``max_tokens`` tokens.
+
+Modes (bench name -> engine mode, routing):
+  backbone       backbone     θ* only (artifact loaded without experts, as the server does)
+  lowrank        lowrank      router weights (soft over all experts); uniform when there is no router
+  lowrank_top2   lowrank      RoutingSpec(top_k=2); explicit top-2 weights when there is no router
+  materialize    materialize  router weights; the engine fuses a dense model per request (batch 1)
+  expert         expert       dense expert checkpoints (argmax of the router weights; batch 1)
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compression.fusion import LowRankDeltas
+from server.engine import Engine, Request, RoutingSpec
+from server.loading import LoadedArtifact, build_model, load_artifact
+from server.metrics import Metrics
+from server.sampling import SamplingParams
+from server.settings import Settings
+
+MODES = ("backbone", "lowrank", "lowrank_top2", "materialize", "expert")
+ENGINE_MODE = {"backbone": "backbone", "lowrank": "lowrank", "lowrank_top2": "lowrank",
+               "materialize": "materialize", "expert": "expert"}
+PER_REQUEST = ("materialize", "expert")   # the engine runs these at batch 1 whatever max_batch_size says
+
+
+class BenchError(ValueError):
+    """Bad benchmark input, or a run that did not produce what it must (e.g. a request failed)."""
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    task: str
+
+
+@dataclass
+class Workload:
+    """The timed mix and a separate warm-up pool (never the same prompts: materialize caches by weights)."""
+    prompts: list[Prompt]
+    warmup: list[Prompt]
+    source: str
+
+    def describe(self) -> dict:
+        lens = sorted(len(p.ids) for p in self.prompts)
+        tasks: dict[str, int] = {}
+        for p in self.prompts:
+            tasks[p.task] = tasks.get(p.task, 0) + 1
+        return {"source": self.source, "requests": len(self.prompts), "tasks": tasks,
+                "prompt_tokens": {"min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1],
+                                  "mean": round(sum(lens) / len(lens), 1)}}
+
+
+@dataclass
+class RunResult:
+    artifact: str
+    mode: str
+    batch_size: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    requests_per_s: float
+    p50_s: float
+    p99_s: float
+    ttft_p50_s: float
+    memory_bytes: int
+    rss_bytes: int
+    memory_breakdown: dict = field(default_factory=dict)
+    outputs: list[list[int]] = field(default_factory=list, repr=False)   # generated ids, in workload order
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("outputs")
+        for k in ("seconds", "tokens_per_s", "requests_per_s"):
+            d[k] = round(d[k], 4)
+        for k in ("p50_s", "p99_s", "ttft_p50_s"):
+            d[k] = round(d[k], 5)
+        return d
+
+
+# ---- artifacts --------------------------------------------------------------------------------------
+class BenchArtifact(LoadedArtifact):
+    """LoadedArtifact plus ``expert_model(t)``, which ``Engine._model_for`` calls in expert mode.
+
+    ``server.loading.LoadedArtifact`` has no such method (the engine's expert mode fails with an
+    AttributeError as shipped); this builds the dense expert t from its source checkpoint.
+    """
+
+    def expert_model(self, t: int):
+        from compression.checkpoints import LazyState, open_expert
+
+        base = LazyState(self.manifest["base"])
+        expert = open_expert(self.manifest["experts"][t]["source"], base)
+        state = {k: expert.get(k) for k in base.keys()}
+        w = self.model.embed_tokens.weight
+        return build_model(self.config, state, None, w.device, w.dtype, with_experts=False)
+
+
+def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = True) -> BenchArtifact:
+    art = load_artifact(path, device="cpu", dtype="float32", verify=verify, with_experts=with_experts)
+    return BenchArtifact(**{f.name: getattr(art, f.name) for f in dataclasses.fields(LoadedArtifact)})
+
+
+def expert_sources_available(art: LoadedArtifact) -> tuple[bool, str]:
+    """Whether expert mode can run: every expert's source checkpoint and the base exist, and memory allows."""
+    base = art.manifest.get("base")
+    sources = [e.get("source") for e in art.manifest["experts"]]
+    if not base or any(not s for s in sources):
+        return False, "no expert source checkpoints recorded in the manifest (e.g. a synthetic artifact)"
+    missing = [s for s in [base, *sources] if not Path(s).is_dir()]
+    if missing:
+        return False, f"expert source checkpoint(s) not found: {', '.join(missing[:3])}"
+    need = _model_bytes(art.model) * 4      # the engine keeps up to materialize_cache (4) dense models
+    avail = _mem_available()
+    if avail is not None and need > 0.5 * avail:
+        return False, f"dense experts need ~{need / 2**30:.1f} GiB, only {avail / 2**30:.1f} GiB available"
+    return True, ""
+
+
+def _model_bytes(model) -> int:
+    return sum(b.numel() * b.element_size() for b in model.buffers() if b is not None)
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """Current resident set size from /proc/self/statm (0 where there is no /proc)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM (process high-water mark; cannot be reset, so only meaningful for the whole run)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _module_tensors(module: torch.nn.Module):
+    """Every tensor a module tree holds: buffers, parameters, and delta attributes (LowRankDeltas too)."""
+    for m in module.modules():
+        for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)):
+            yield "weights", t
+        for name in ("deltas", "bias_deltas"):
+            d = getattr(m, name, None)
+            if isinstance(d, LowRankDeltas):
+                yield "deltas", d.A_cat
+                yield "deltas", d.B_cat
+                yield "deltas", d.idx
+            elif isinstance(d, torch.Tensor):
+                yield "deltas", d
+
+
+def engine_memory(engine: Engine) -> tuple[int, dict]:
+    """Bytes of the distinct tensor storages the engine holds, and a breakdown by kind.
+
+    Counted: the shared model's weights and deltas, the KV cache, the fused/dense models in the
+    materialize/expert LRU (only storage they do not share with the shared model), and the router
+    (not in backbone mode, which never routes). Transient activations are not counted.
+    """
+    seen: set[int] = set()
+    parts = {"weights": 0, "deltas": 0, "kv_cache": 0, "fused_models": 0, "router": 0}
+
+    def add(kind: str, t: torch.Tensor | None) -> None:
+        if t is None:
+            return
+        s = t.untyped_storage()
+        key = s.data_ptr()
+        if key in seen or s.nbytes() == 0:
+            return
+        seen.add(key)
+        parts[kind] += s.nbytes()
+
+    for kind, t in _module_tensors(engine.model):
+        add(kind, t)
+    for t in engine.cache.buffers():
+        add("kv_cache", t)
+    for m in engine._fused.values():
+        for _, t in _module_tensors(m):
+            add("fused_models", t)
+    if engine.router is not None and engine.mode != "backbone":
+        for _, t in _module_tensors(engine.router.mlp):
+            add("router", t)
+    return sum(parts.values()), parts
+
+
+# ---- routing ----------------------------------------------------------------------------------------
+def routing_for(mode: str, names: list[str], has_router: bool) -> Callable[[Prompt], RoutingSpec]:
+    """The RoutingSpec each request of ``mode`` carries."""
+    if mode == "lowrank_top2":
+        if has_router:
+            return lambda p: RoutingSpec(top_k=2)
+        return lambda p: RoutingSpec(weights=_explicit_top2(p.task, names))
+    return lambda p: RoutingSpec()
+
+
+def _explicit_top2(task: str, names: list[str]) -> torch.Tensor:
+    t = names.index(task) if task in names else abs(hash(task)) % len(names)
+    w = torch.zeros(len(names))
+    w[t] = 0.7
+    w[(t + 1) % len(names)] += 0.3
+    return w
+
+
+def one_hot_routing(names: list[str], expert: str) -> Callable[[Prompt], RoutingSpec]:
+    w = torch.zeros(len(names))
+    w[names.index(expert)] = 1.0
+    return lambda p: RoutingSpec(weights=w.clone())
+
+
+# ---- one engine run ---------------------------------------------------------------------------------
+def make_settings(mode: str, batch_size: int, max_model_len: int, artifact: str | Path) -> Settings:
+    """Explicit values for everything that matters, so TWINSERVE_* variables cannot change a run."""
+    return Settings(artifact=str(artifact), mode=ENGINE_MODE[mode], device="cpu", dtype="float32",
+                    max_batch_size=batch_size, max_model_len=max_model_len, max_queue=1024,
+                    max_tokens_per_step=4096, request_timeout_s=3600.0, drain_timeout_s=5.0,
+                    materialize_cache=4, router_top_k=None, router_temperature=None, verify_artifact=False)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+async def _closed_loop(engine: Engine, prompts: list[Prompt], concurrency: int, max_tokens: int,
+                       routing: Callable[[Prompt], RoutingSpec]) -> tuple[float, list[tuple[Request, float]]]:
+    loop = asyncio.get_running_loop()
+    todo = iter(enumerate(prompts))
+    done: list[tuple[Request, float] | None] = [None] * len(prompts)
+
+    async def client() -> None:
+        for i, p in todo:
+            req = Request(prompt_ids=list(p.ids),
+                          params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                          routing=routing(p), deadline=time.perf_counter() + 3600.0,
+                          events=asyncio.Queue(), loop=loop)
+            engine.submit(req)
+            while True:
+                kind, payload = await req.events.get()
+                if kind == "error":
+                    raise BenchError(f"request {i} ({p.task}) failed in {engine.mode} mode: {payload}")
+                if kind == "done":
+                    done[i] = (req, time.perf_counter())
+                    break
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(max(1, min(concurrency, len(prompts))))))
+    return time.perf_counter() - t0, done  # type: ignore[return-value]
+
+
+async def run_engine(art: LoadedArtifact, router, mode: str, batch_size: int, workload: Workload,
+                     max_tokens: int, max_model_len: int, label: str = "artifact",
+                     routing: Callable[[Prompt], RoutingSpec] | None = None,
+                     prompts: list[Prompt] | None = None) -> RunResult:
+    """Start an engine for (mode, batch_size), warm it up, run the timed closed loop, measure, stop it."""
+    if mode not in MODES:
+        raise BenchError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    prompts = workload.prompts if prompts is None else prompts
+    names = art.expert_names
+    routing = routing or routing_for(mode, names, router is not None)
+    settings = make_settings(mode, batch_size, max_model_len, art.path)
+    engine = Engine(art, router, settings, Metrics(names, settings.mode, label))
+    concurrency = 1 if mode in PER_REQUEST else batch_size
+    await engine.start()
+    try:
+        # warm-up: a full batch of the same shape (prefill + decode), distinct prompts
+        warm = (workload.warmup * (1 + concurrency // max(1, len(workload.warmup))))[:max(2, concurrency)]
+        await _closed_loop(engine, warm, concurrency, min(max_tokens, 4), routing)
+        wall, done = await _closed_loop(engine, prompts, concurrency, max_tokens, routing)
+        memory, breakdown = engine_memory(engine)
+    finally:
+        await engine.stop(drain_s=0.0)
+    tokens = sum(len(r.generated) for r, _ in done)
+    e2e = [t - r.arrival for r, t in done]
+    ttft = [r.first_token_at - r.arrival for r, _ in done if r.first_token_at is not None]
+    result = RunResult(artifact=label, mode=mode, batch_size=1 if mode in PER_REQUEST else batch_size,
+                       requests=len(done), tokens=tokens, seconds=wall, tokens_per_s=tokens / wall,
+                       requests_per_s=len(done) / wall, p50_s=_pct(e2e, 50), p99_s=_pct(e2e, 99),
+                       ttft_p50_s=_pct(ttft, 50), memory_bytes=memory, rss_bytes=rss_bytes(),
+                       memory_breakdown=breakdown, outputs=[list(r.generated) for r, _ in done])
+    del engine
+    gc.collect()
+    return result
+
+
+def check_all_generated(result: RunResult, max_tokens: int) -> None:
+    if result.tokens != result.requests * max_tokens or any(len(o) != max_tokens for o in result.outputs):
+        raise BenchError(f"{result.artifact}/{result.mode}@{result.batch_size}: generated {result.tokens} tokens, "
+                         f"expected {result.requests} × {max_tokens} (ignore_eos)")
+
+
+# ---- workloads --------------------------------------------------------------------------------------
+def task_workload(art: LoadedArtifact, tasks: str | Path | None, n: int, n_warm: int) -> Workload:
+    """Prompts from DIR/TASK/test.jsonl for the artifact's experts, tasks interleaved round-robin.
+
+    The timed prompts come from the start of each split and the warm-up ones from its end.
+    Raises bench.quality.EvalError when there are no task splits.
+    """
+    from bench.quality import EvalError, find_tasks_dir
+    from server.offline import encode_prompt
+    from zoo.tasks import read_jsonl
+
+    tasks_dir = find_tasks_dir(art, tasks)
+    rows = {}
+    for name in art.expert_names:
+        f = tasks_dir / name / "test.jsonl"
+        if f.is_file():
+            rows[name] = read_jsonl(f)
+    if not rows:
+        raise EvalError(f"no DIR/TASK/test.jsonl under {tasks_dir} for the experts {', '.join(art.expert_names)}")
+    names = list(rows)
+
+    def pick(k: int, from_end: bool) -> Prompt:
+        task = names[k % len(names)]
+        rs = rows[task]
+        j = k // len(names)
+        row = rs[(len(rs) - 1 - j) % len(rs)] if from_end else rs[j % len(rs)]
+        return Prompt(encode_prompt(art.tokenizer, row["prompt"]), task)
+
+    return Workload([pick(k, False) for k in range(n)], [pick(k, True) for k in range(n_warm)],
+                    f"task test splits in {tasks_dir} ({len(names)} tasks, interleaved)")
+
+
+def random_workload(art: LoadedArtifact, n: int, n_warm: int, seed: int = 0, min_len: int = 8,
+                    max_len: int = 48) -> Workload:
+    """Random-token prompts of mixed lengths tagged with pseudo-tasks (one per expert)."""
+    from bench.synthetic import random_token_prompts
+
+    # ids the tokenizer knows, except for synthetic artifacts (their char tokenizer is smaller than the vocab)
+    vocab = art.model.args.vocab_size if art.manifest.get("synthetic") else min(len(art.tokenizer),
+                                                                                art.model.args.vocab_size)
+    bos = art.tokenizer.bos_token_id
+    names = art.expert_names
+
+    def make(k: int, s: int) -> list[Prompt]:
+        out = []
+        for task, ids in random_token_prompts(names, vocab, k, s, min_len, max_len):
+            if bos is not None:
+                ids[0] = bos
+            else:
+                ids = ids[1:]
+            out.append(Prompt(ids, task))
+        return out
+
+    return Workload(make(n, seed), make(n_warm, seed + 1),
+                    f"random token prompts, {min_len}-{max_len} tokens, pseudo-tasks = experts")
+
+
+def context_for(art: LoadedArtifact, workload: Workload, max_tokens: int, floor: int = 256) -> int:
+    """KV cache length per slot: the model's context, capped at max(floor, what the workload needs)."""
+    need = max(len(p.ids) for p in workload.prompts + workload.warmup) + max_tokens
+    ctx = art.config.max_position_embeddings
+    if need > ctx:
+        raise BenchError(f"prompts + --max-tokens need {need} positions; the model has {ctx}")
+    length = 8
+    while length < max(need, floor):
+        length *= 2
+    return min(ctx, length)
+
+
+# ---- a whole artifact -------------------------------------------------------------------------------
+@dataclass
+class ArtifactBench:
+    label: str
+    runs: list[RunResult]
+    skipped: list[dict]
+    info: dict
+
+
+async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], batch_sizes: list[int],
+                         requests: int, max_tokens: int, tasks: str | Path | None = None,
+                         log: Callable[[str], None] = lambda s: None, equivalence_requests: int = 16
+                         ) -> ArtifactBench:
+    """Every mode at every batch size (materialize/expert once, at batch 1) on one artifact.
+
+    Batched modes are interleaved per batch size (backbone, lowrank, lowrank_top2 back to back) so a
+    change in machine load hits them alike. Also checks that lowrank and materialize give identical
+    greedy outputs for one pinned expert (a real equivalence of the two fusion paths).
+    """
+    from bench.quality import EvalError
+    from router.model import load_router
+
+    t0 = time.perf_counter()
+    full = load_bench_artifact(path, with_experts=True, verify=True)
+    bb = load_bench_artifact(path, with_experts=False, verify=False) if "backbone" in modes else None
+    router = load_router(full.path, full.manifest)
+    n_warm = max(batch_sizes + [2])
+    if full.manifest.get("synthetic") or (tasks is None and not full.manifest.get("base")):
+        workload = random_workload(full, requests, n_warm)
+    else:
+        try:
+            workload = task_workload(full, tasks, requests, n_warm)
+        except EvalError as e:
+            if tasks is not None:
+                raise
+            log(f"[yellow]{label}: {e}; using random-token prompts[/]")
+            workload = random_workload(full, requests, n_warm)
+    max_len = context_for(full, workload, max_tokens)
+    runs: list[RunResult] = []
+    skipped: list[dict] = []
+
+    async def one(mode: str, b: int) -> None:
+        art = bb if mode == "backbone" else full
+        r = await run_engine(art, router, mode, b, workload, max_tokens, max_len, label=label)
+        check_all_generated(r, max_tokens)
+        runs.append(r)
+        log(f"{label} {mode} b{r.batch_size}: {r.tokens_per_s:.1f} tok/s, p50 {r.p50_s:.3f} s, "
+            f"{r.memory_bytes / 2**20:.0f} MiB, {r.seconds:.1f} s")
+
+    for b in batch_sizes:
+        for mode in [m for m in modes if m not in PER_REQUEST]:
+            await one(mode, b)
+    for mode in [m for m in modes if m in PER_REQUEST]:
+        if mode == "expert":
+            ok, why = expert_sources_available(full)
+            if not ok:
+                skipped.append({"artifact": label, "mode": mode, "reason": why})
+                log(f"[yellow]{label} expert skipped: {why}[/]")
+                continue
+        await one(mode, 1)
+    info = {"path": str(Path(path).resolve()), "workload": workload.describe(), "max_model_len": max_len,
+            "router": None if router is None else {"feature_layer": router.config.feature_layer,
+                                                   "top_k": router.config.top_k,
+                                                   "fallback": router.config.fallback},
+            "experts": full.expert_names, "num_layers": full.model.args.num_layers,
+            "hidden_size": full.model.args.hidden_size, "vocab_size": full.model.args.vocab_size}
+    if "lowrank" in modes and "materialize" in modes and equivalence_requests > 0:
+        info["equivalence"] = await pinned_equivalence(full, router, workload, max_tokens, max_len,
+                                                       max(batch_sizes), equivalence_requests, label)
+        log(f"{label} equivalence (pinned {info['equivalence']['expert']}): "
+            f"{info['equivalence']['identical']}/{info['equivalence']['requests']} identical greedy outputs")
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    return ArtifactBench(label, runs, skipped, info)
+
+
+async def pinned_equivalence(art: LoadedArtifact, router, workload: Workload, max_tokens: int, max_len: int,
+                             batch_size: int, n: int, label: str, expert: str | None = None) -> dict:
+    """Greedy outputs of lowrank (batched) and materialize (fused, batch 1) for one-hot weights on one expert."""
+    expert = expert or art.expert_names[0]
+    routing = one_hot_routing(art.expert_names, expert)
+    prompts = workload.prompts[:n]
+    a = await run_engine(art, router, "lowrank", batch_size, workload, max_tokens, max_len, label,
+                         routing=routing, prompts=prompts)
+    b = await run_engine(art, router, "materialize", 1, workload, max_tokens, max_len, label,
+                         routing=routing, prompts=prompts)
+    same = sum(x == y for x, y in zip(a.outputs, b.outputs))
+    return {"expert": expert, "requests": len(prompts), "identical": same,
+            "lowrank_batch_size": batch_size, "materialize_batch_size": 1}

@@ -1,0 +1,109 @@
+"""`twinserve bench` on the tiny test artifact: report shape, token counts, and lowrank ≡ materialize.
+
+No timing assertions: the numbers depend on the machine. Everything here runs in a few seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from bench.cli import parse_batch_sizes, parse_modes, run_bench
+from bench.report import RATIO_KEYS, TARGETS
+from bench.runner import (MODES, check_all_generated, load_bench_artifact, one_hot_routing, random_workload,
+                          run_engine)
+from server.cli import UsageError, main
+from tests.conftest import EXPERT_NAMES
+
+RUN_KEYS = {"mode", "batch_size", "requests", "tokens_per_s", "requests_per_s", "p50_s", "p99_s", "ttft_p50_s",
+            "memory_bytes", "rss_bytes"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tiny_artifact, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    report = run_bench(tiny_artifact, out, synthetic=True, quick=True, requests=6, batch_sizes=[1, 3],
+                       max_tokens=3)
+    return report, json.loads(out.read_text())
+
+
+def test_report_keys_and_written_json(quick_report):
+    report, written = quick_report
+    assert written == json.loads(json.dumps(report))
+    assert set(written) >= {"runs", "ratios", "demo_ratios", "config", "targets"}
+    for key in ("ratios", "demo_ratios"):
+        assert set(written[key]) >= set(RATIO_KEYS) | {"batch_size", "materialize_batch_size", "note"}
+        assert written[key]["batch_size"] == 3 and written[key]["materialize_batch_size"] == 1
+        assert all(isinstance(written[key][k], float) and written[key][k] > 0 for k in RATIO_KEYS)
+    assert set(written["targets"]) == set(TARGETS)
+    for run in written["runs"]:
+        assert set(run) >= RUN_KEYS
+        assert run["memory_bytes"] > 0 and run["rss_bytes"] > 0
+        assert run["p99_s"] >= run["p50_s"] > 0
+
+
+def test_every_mode_ran_and_generated_every_token(quick_report):
+    _, written = quick_report
+    runs = written["runs"]
+    labels = {r["artifact"] for r in runs}
+    assert labels == {"synthetic", written["config"]["demo_artifact"]}
+    for r in runs:
+        assert r["requests"] == 6
+        assert r["tokens"] == 6 * 3          # ignore_eos: exactly requests × max_tokens
+        if r["mode"] in ("materialize", "expert"):
+            assert r["batch_size"] == 1
+    demo = written["config"]["demo_artifact"]
+    got = {(r["artifact"], r["mode"], r["batch_size"]) for r in runs}
+    for b in (1, 3):
+        for mode in ("backbone", "lowrank", "lowrank_top2"):
+            assert (demo, mode, b) in got and ("synthetic", mode, b) in got
+    assert (demo, "materialize", 1) in got and (demo, "expert", 1) in got   # the fixture keeps its experts
+    assert ("synthetic", "materialize", 1) in got
+    assert [s["mode"] for s in written["config"]["skipped"]] == ["expert"]  # synthetic: no dense experts
+    # the memory accounting sees the deltas: lowrank holds more than the backbone-only engine
+    mem = {(r["artifact"], r["mode"], r["batch_size"]): r["memory_bytes"] for r in runs}
+    assert mem[(demo, "lowrank", 3)] > mem[(demo, "backbone", 3)]
+    assert written["config"]["equivalence"][demo]["identical"] == written["config"]["equivalence"][demo]["requests"]
+
+
+def test_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact):
+    """The batched activation-side path and the per-request fused weights give the same greedy tokens."""
+    async def go():
+        art = load_bench_artifact(tiny_artifact, with_experts=True)
+        work = random_workload(art, n=6, n_warm=3, seed=5)
+        outs = {}
+        for expert in ("code", "chat"):
+            routing = one_hot_routing(art.expert_names, expert)
+            a = await run_engine(art, None, "lowrank", 3, work, 6, 64, routing=routing)
+            b = await run_engine(art, None, "materialize", 1, work, 6, 64, routing=routing)
+            for r in (a, b):
+                check_all_generated(r, 6)
+            assert a.outputs == b.outputs
+            outs[expert] = a.outputs
+        return outs
+
+    outs = asyncio.run(go())
+    assert outs["code"] != outs["chat"]  # the pinned expert matters, so the agreement is not vacuous
+
+
+def test_argument_parsing(tmp_path):
+    assert parse_batch_sizes("16,1,8,8") == [1, 8, 16]
+    assert parse_modes(None) == MODES
+    assert parse_modes("materialize,backbone") == ("backbone", "materialize")
+    with pytest.raises(UsageError):
+        parse_batch_sizes("1,x")
+    with pytest.raises(UsageError):
+        parse_modes("lowrank,dense")
+    assert main(["bench", "--out", str(tmp_path / "x.json")]) == 2   # neither ARTIFACT nor --synthetic
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_registered(tiny_artifact, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", str(tiny_artifact), "--out", str(out), "--quick", "--requests", "3",
+                 "--batch-sizes", "2", "--max-tokens", "2", "--modes", "backbone,lowrank"]) == 0
+    rep = json.loads(out.read_text())
+    assert [(r["mode"], r["batch_size"], r["tokens"]) for r in rep["runs"]] == [("backbone", 2, 6), ("lowrank", 2, 6)]
+    assert "ratios" not in rep and rep["demo_ratios"]["lowrank_vs_materialize_throughput"] is None
+    assert EXPERT_NAMES == rep["config"]["artifacts"][rep["config"]["demo_artifact"]]["experts"]
