@@ -26,6 +26,9 @@ from .synthetic import SyntheticSpec, build_synthetic_artifact
 DEFAULTS = {"requests": 64, "batch_sizes": [1, 8, 16], "max_tokens": 16}
 QUICK = {"requests": 8, "batch_sizes": [1, 4], "max_tokens": 4}
 SYNTHETIC_LABEL = "synthetic"
+# One intra-op thread by default: on a shared 2-core box, OpenMP spin-waiting with 2 threads made the same
+# forward 4-7x slower and far noisier (measured: 8-layer synthetic decode at batch 16, 1.77 s vs 0.26 s).
+DEFAULT_THREADS = 1
 
 
 class _Usage(ValueError):
@@ -78,7 +81,9 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         raise _usage_error("give an ARTIFACT, --synthetic, or both")
     if requests < 1 or max_tokens < 1:
         raise _usage_error("--requests and --max-tokens must be >= 1")
-    if threads:
+    if threads is None:
+        threads = DEFAULT_THREADS
+    if threads > 0:
         torch.set_num_threads(threads)
     spec = SyntheticSpec.quick() if quick else SyntheticSpec()
     label = None
@@ -102,10 +107,13 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
             with tempfile.TemporaryDirectory(prefix="twinserve-bench-") as tmp:
                 path = Path(synthetic_dir) if synthetic_dir else Path(tmp) / SYNTHETIC_LABEL
                 t = time.perf_counter()
-                with console.status(f"building the synthetic artifact ({spec.num_layers} layers, hidden "
-                                    f"{spec.hidden_size}, {spec.num_experts} experts, rank {spec.rank})"):
-                    build_synthetic_artifact(path, spec)
-                log(f"synthetic artifact built in {time.perf_counter() - t:.1f} s at {path}")
+                if synthetic_dir and _reusable(path, spec):
+                    log(f"synthetic artifact reused from {path}")
+                else:
+                    with console.status(f"building the synthetic artifact ({spec.num_layers} layers, hidden "
+                                        f"{spec.hidden_size}, {spec.num_experts} experts, rank {spec.rank})"):
+                        build_synthetic_artifact(path, spec)
+                    log(f"synthetic artifact built in {time.perf_counter() - t:.1f} s at {path}")
                 done.append(await bench_artifact(path, SYNTHETIC_LABEL, **kw))
         return done
 
@@ -142,6 +150,15 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     return report
 
 
+def _reusable(path: Path, spec: SyntheticSpec) -> bool:
+    """A kept --synthetic-dir artifact of the same spec (checksums verified) is reused, not rebuilt."""
+    from compression.artifact import ArtifactError, verify_artifact
+    try:
+        return verify_artifact(path).get("synthetic") == spec.to_dict()
+    except ArtifactError:
+        return False
+
+
 def cmd_bench(args) -> int:
     run_bench(args.artifact, args.out, synthetic=args.synthetic, requests=args.requests,
               batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
@@ -171,7 +188,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--modes", default=None, metavar="MODE,...", help=f"subset of {','.join(MODES)} (default all)")
     p.add_argument("--tasks", default=None, metavar="DIR", help="task splits DIR/TASK/test.jsonl (default: "
                    "tasks/ beside the artifact's base model; random-token prompts when there are none)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default {DEFAULT_THREADS}; 0 = torch's choice)")
     p.add_argument("--synthetic-dir", default=None, metavar="DIR",
                    help="write the synthetic artifact here and keep it (default: a temp dir, removed)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for tests: 8 requests, batch 1,4, "

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compression import __version__
 
@@ -76,6 +77,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         for e in errs[:5])
         return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param,
                                        "code": "invalid_value"}}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)  # unknown path, wrong method, unparsable body: OpenAI shape too
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -252,11 +252,13 @@ class Engine:
             for n, x in zip(self.names, weights):
                 if x:
                     self.metrics.expert_mass.labels(n).inc(x)
-            if routing["top_expert"]:
-                self.metrics.expert_top1.labels(routing["top_expert"]).inc()
-            if routing["fallback"]:
+            if routing["fallback"]:  # served by the fallback, not by the router's best guess
                 self.metrics.fallbacks.inc()
-            self.metrics.record_route(routing["top_expert"])
+                self.metrics.record_route(None)
+            else:
+                if routing["top_expert"]:
+                    self.metrics.expert_top1.labels(routing["top_expert"]).inc()
+                self.metrics.record_route(routing["top_expert"] or "(backbone)")
             r.emit("routing", routing)
 
     # ---- model calls ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < 1e-5 or self.top_k == 1   # tinier temperatures overflow logits/T to inf
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:

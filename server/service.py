@@ -52,10 +52,11 @@ class Service:
             if unknown:
                 raise BadRequest(f"twin.experts: unknown expert(s) {', '.join(unknown)} "
                                  f"(experts: {', '.join(self.names)})", param="twin.experts")
-            w = torch.tensor([float(twin.experts.get(n, 0.0)) for n in self.names])
-            if float(w.sum()) > 0:
+            w = torch.tensor([float(twin.experts.get(n, 0.0)) for n in self.names], dtype=torch.float64)
+            if float(w.sum()) > 0:  # float64 and scaled by the max first: huge weights must not become inf/nan
+                w = w / w.max()
                 w = w / w.sum()
-            return RoutingSpec(weights=w)
+            return RoutingSpec(weights=w.float())
         if twin.top_k is not None and twin.top_k > len(self.names):
             raise BadRequest(f"twin.top_k must be <= the number of experts ({len(self.names)})", param="twin.top_k")
         return RoutingSpec(top_k=twin.top_k, temperature=twin.temperature)

@@ -77,6 +77,7 @@ class TwinServe:
     """One twinserve app per replica; the FastAPI app is created here, in the replica's __init__."""
 
     def __init__(self, settings: dict[str, Any] | None = None):
+        # NB: not `self.app`: Ray's ASGI wrapper base class owns that name (a read-only property)
         from server.app import create_app
         from server.settings import Settings
 
@@ -88,11 +89,11 @@ class TwinServe:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (unit use)
             self.replica_id = f"pid-{os.getpid()}"
-        self.app = create_app(self.settings)
+        self.twin_app = create_app(self.settings)
 
         replica_id = self.replica_id
 
-        @self.app.middleware("http")
+        @self.twin_app.middleware("http")
         async def replica_header(request, call_next):
             response = await call_next(request)
             response.headers["X-Twinserve-Replica"] = replica_id
@@ -100,11 +101,11 @@ class TwinServe:
 
     def __serve_build_asgi_app__(self):
         # Ray Serve calls this after __init__ and runs the app's lifespan (artifact load) before traffic
-        return self.app
+        return self.twin_app
 
     def check_health(self) -> None:
         """Ray's replica health check: the engine must be running (Ray restarts the replica otherwise)."""
-        engine = getattr(self.app.state, "engine", None)
+        engine = getattr(self.twin_app.state, "engine", None)
         if engine is not None and not getattr(engine, "ready", True):
             raise RuntimeError("twinserve engine is not ready")
 

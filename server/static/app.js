@@ -226,7 +226,7 @@
     const q = (role) => panel.querySelector(`[data-role="${role}"]`);
     return {
       tag: q("tag"), status: q("status"), output: q("output"), bars: q("bars"), top: q("top"),
-      entropy: q("entropy"), fallback: q("fallback"), routerMs: q("router-ms"), source: q("source"),
+      entropy: q("entropy"), fallback: q("fallback"), routerMs: q("router-ms"), source: q("source"), tokens: q("tokens"),
     };
   }
 
@@ -257,10 +257,16 @@
   function renderRouting(panel, routing) {
     const p = panelParts(panel);
     const top = routing.top_expert || "none";
-    p.top.textContent = routing.fallback && routing.top_expert ? `${top} (unused)` : top;
-    p.top.title = routing.fallback ? "router confidence too low: the backbone answered alone" : "";
+    p.top.textContent = routing.fallback && routing.top_expert ? `(${top})` : top;
+    p.top.title = routing.fallback && routing.top_expert ? `router's best guess ${top}, not used (fallback)` : top;
     p.entropy.textContent = fmt.num(routing.entropy, 3);
-    p.fallback.textContent = routing.fallback ? "yes · backbone only" : "no";
+    const mass = Object.values(routing.weights || {}).reduce((a, b) => a + Number(b), 0);
+    p.fallback.textContent = !routing.fallback ? "no"
+      : routing.source === "uniform" ? "yes · uniform"
+      : mass === 0 ? "yes · backbone" : "yes";
+    p.fallback.title = !routing.fallback ? ""
+      : routing.source === "uniform" ? "the artifact has no router: uniform expert weights"
+      : mass === 0 ? "router not confident: the backbone answered alone" : "router fallback";
     p.fallback.className = routing.fallback ? "warn-text" : "";
     p.routerMs.textContent = routing.router_ms != null ? `${fmt.num(routing.router_ms, 1)} ms` : "–";
     p.source.textContent = routing.source || "–";
@@ -271,7 +277,7 @@
     const p = panelParts(panel);
     p.tag.textContent = tag;
     p.output.replaceChildren();
-    for (const k of ["top", "entropy", "fallback", "routerMs", "source"]) { p[k].textContent = "–"; p[k].className = ""; }
+    for (const k of ["top", "entropy", "fallback", "routerMs", "source", "tokens"]) { p[k].textContent = "–"; p[k].className = ""; }
     renderBars(panel, null);
     panel.dataset.state = "running";
     panel.setAttribute("aria-busy", "true");
@@ -307,7 +313,7 @@
       });
       const total = performance.now() - t0;
       const bits = ["done"];
-      if (usage) bits.push(`${usage.completion_tokens} tok`);
+      if (usage) p.tokens.textContent = `${usage.prompt_tokens} → ${usage.completion_tokens}`;
       if (ttft != null) bits.push(`TTFT ${Math.round(ttft)} ms`);
       bits.push(`${Math.round(total)} ms`);
       if (finish) bits.push(finish);

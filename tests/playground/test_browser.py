@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 
 def _get_json(url: str, timeout: float = 2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -137,8 +137,9 @@ def _output(page, panel: str) -> str:
     return page.inner_text(f"{panel} [data-role=output]")
 
 
-def _run(page, action, panels=("#panel-a",)) -> None:
-    """Do `action` (which starts a streamed request) and wait until every panel finished streaming."""
+def _run(page, action, panels=("#panel-a",)):
+    """Do `action` (which starts a streamed request) and wait until every panel finished streaming; returns the
+    (first) request's JSON body."""
     with page.expect_response(lambda r: "/completions" in r.url and r.request.method == "POST") as resp:
         action()
     r = resp.value
@@ -149,6 +150,7 @@ def _run(page, action, panels=("#panel-a",)) -> None:
             "sel => ['done', 'error', 'stopped'].includes(document.querySelector(sel).dataset.state)", arg=panel)
         state = page.get_attribute(panel, "data-state")
         assert state == "done", f"{panel}: {state}: {page.inner_text(panel + ' [data-role=status]')}"
+    return r.request.post_data_json
 
 
 def test_playground_end_to_end(served, browser_page):
@@ -195,7 +197,8 @@ def test_playground_end_to_end(served, browser_page):
 
     # ---- pin another expert: bars become one-hot and the output changes
     page.select_option("#expert", f"pin:{pinned}")
-    _run(page, lambda: page.click("#send"))
+    body = _run(page, lambda: page.click("#send"))
+    assert body["twin"] == {"expert": pinned} and body["stream"] is True and body["prompt"] == prompt
     pinned_bars = _bars(page, "#panel-a")
     assert pinned_bars[pinned] == 1.0
     assert all(w == 0.0 for name, w in pinned_bars.items() if name != pinned)
@@ -212,7 +215,8 @@ def test_playground_end_to_end(served, browser_page):
     assert page.is_visible("#sliders")
     page.fill(f"#slider-list input[data-expert={experts[0]}]", "0.75")
     page.fill(f"#slider-list input[data-expert={experts[1]}]", "0.25")
-    _run(page, lambda: page.click("#send"))
+    body = _run(page, lambda: page.click("#send"))
+    assert body["twin"]["experts"][experts[0]] == 0.75 and body["twin"]["experts"][experts[1]] == 0.25
     custom = _bars(page, "#panel-a")
     assert custom[experts[0]] == pytest.approx(0.75, abs=1e-3)
     assert custom[experts[1]] == pytest.approx(0.25, abs=1e-3)
@@ -229,13 +233,19 @@ def test_playground_end_to_end(served, browser_page):
     assert _output(page, "#panel-b") == pinned_text
     assert page.inner_text("#panel-b-title") == f"Pinned · {pinned}"
 
-    # ---- chat mode streams too
+    # ---- chat mode streams too; the optional API key goes out as a Bearer token
     page.click("label[for=kind-chat]")
     assert page.is_checked("#kind-chat")
     assert page.inner_text("#prompt-label") == "User message"
-    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")):
+    page.fill("#api-key", "sk-playground-test")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as chat_req:
         _run(page, lambda: page.click("#send"))
+    assert chat_req.value.headers.get("authorization") == "Bearer sk-playground-test"
+    body = chat_req.value.post_data_json
+    assert body["stream"] is True and body["messages"] == [{"role": "user", "content": prompt}]
+    assert "twin" not in body  # router (auto) sends no override
     assert _output(page, "#panel-a").strip()
+    page.fill("#api-key", "")
     page.click("label[for=kind-completion]")
 
     # ---- live panel: /v1/stats numbers and routing share bars
@@ -288,7 +298,7 @@ def test_docs_assets_are_same_origin(served):
     """The docs HTML itself references only same-origin assets (no CDN)."""
     base, _ = served
     for path in ("/docs", "/redoc"):
-        with urllib.request.urlopen(f"{base}{path}", timeout=5) as r:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(f"{base}{path}", timeout=5) as r:
             html = r.read().decode()
         assert "twinserve" in html
         assert "https://" not in html and "http://" not in html.replace(base, "")

@@ -167,7 +167,6 @@ def test_request_timeout_is_504_and_frees_the_slot(routed_artifact):
             assert events[-1] == "[DONE]"
             assert events[-2]["error"]["type"] == "timeout_error"
         wait_for(lambda: engine_idle(engine), what="timed-out requests to leave")
-        assert engine.metrics.finished.labels("timeout")._value.get() + 0 >= 0   # label exists, no crash
 
 
 # ----------------------------------------------------------------------------- engine failure
