@@ -70,6 +70,8 @@ FROM build AS demo-build
 ENV OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 RUN twinserve demo --zoo /tmp/zoo -o /artifacts/demo \
     && rm -rf /tmp/zoo
+# safetensors writes 0600 files: make the artifact readable for any uid (e.g. OpenShift's random uids)
+RUN chmod -R a+rX /artifacts/demo
 
 # ---------------------------------------------------------------------------------- runtime-base
 FROM ${BASE_IMAGE} AS runtime-base

@@ -34,6 +34,7 @@ from .settings import Settings
 
 log = logging.getLogger("twinserve.engine")
 _ids = itertools.count()
+DEFAULT_MAX_LEN = 2048
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Engine:
         self.per_request = self.mode in ("materialize", "expert")
         self.max_batch = 1 if self.per_request else settings.max_batch_size
         ctx = art.config.max_position_embeddings
-        self.max_len = min(settings.max_model_len or ctx, ctx)
+        self.max_len = min(settings.max_model_len or DEFAULT_MAX_LEN, ctx)  # KV cache: slots × max_len
         self.cache = self.model.new_cache(self.max_batch, self.max_len)
         self.free_slots = list(range(self.max_batch))
         self.waiting: collections.deque[Request] = collections.deque()
@@ -130,6 +131,8 @@ class Engine:
         self.waiting.clear()
         self.running.clear()
         self._executor.shutdown(wait=True)
+        self._fused.clear()
+        self.cache = None  # free the KV cache now, not when the last reference goes
 
     # ---- API for routes -------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -175,7 +178,7 @@ class Engine:
             if req.cancelled:
                 self._finish(req, "cancelled")
             elif now > req.deadline:
-                self._fail(req, RequestTimeout(f"request exceeded {self.settings.request_timeout_s:.0f} s"))
+                self._fail(req, RequestTimeout(f"request exceeded the {self.settings.request_timeout_s:g} s timeout"))
         admitted = self._admit(now)
         previous = [r for r in self.running if r not in admitted]
         if admitted:

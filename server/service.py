@@ -100,14 +100,23 @@ class Service:
         """Yield ("routing", dict) / ("text", str) / ("done", dict) of a submitted request; raises APIError on
         failure. Cancels the request if the consumer goes away or the client disconnects."""
         finished = False
+        checked = time.monotonic()
         try:
             while True:
+                # asyncio.wait (not wait_for) so a cancel of this task is never swallowed by a ready event
+                get = asyncio.ensure_future(req.events.get())
                 try:
-                    kind, payload = await asyncio.wait_for(req.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if disconnected is not None and await disconnected():
+                    done, _ = await asyncio.wait({get}, timeout=0.5)
+                finally:
+                    if not get.done():
+                        get.cancel()
+                if disconnected is not None and time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if await disconnected():
                         return
+                if not done:
                     continue
+                kind, payload = get.result()
                 if kind == "error":
                     finished = True
                     raise payload if isinstance(payload, APIError) else APIError(str(payload))

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="rows in the running decode batch")
     max_tokens_per_step: int = Field(4096, ge=16, description="prompt tokens prefilled per engine step")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
-    max_model_len: int | None = Field(None, ge=8, description="context limit (default: model's max positions)")
+    max_model_len: int | None = Field(None, ge=8, description="context limit and KV cache length per slot (default: min(model max positions, 2048))")
     max_tokens_default: int = Field(16, ge=1, description="max_tokens when the request omits it")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 after it)")
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for in-flight work")

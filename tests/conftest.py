@@ -229,11 +229,11 @@ def routed_artifact(tiny_artifact, tmp_path_factory) -> Path:
 
 
 def server_settings(artifact: str | Path, **overrides):
-    """Settings for tests: cpu fp32, model id "tiny", short drain, 1 torch thread."""
+    """Settings for tests: cpu fp32, model id "tiny", batch 8, short drain (torch threads: see the top)."""
     from server.settings import Settings
 
-    kw = dict(artifact=str(artifact), model_name="tiny", device="cpu", dtype="float32", max_batch_size=8,
-              drain_timeout_s=2.0, request_timeout_s=60.0)
+    kw = {"artifact": str(artifact), "model_name": "tiny", "device": "cpu", "dtype": "float32",
+          "max_batch_size": 8, "drain_timeout_s": 2.0, "request_timeout_s": 60.0}
     kw.update(overrides)
     return Settings(**kw)
 

@@ -4,7 +4,8 @@ Each replica builds `server.app:create_app(Settings(...))` in its own process (t
 in the app's lifespan, which Ray Serve runs before the replica takes traffic); Ray's HTTP proxy
 load-balances requests across replicas. Streaming (SSE) passes through the proxy.
 
-Run from the repository root (Ray >= 2.50; `pip install "ray[serve]"`):
+Run from the repository root (`pip install "ray[serve]"`; needs late-bound `serve.ingress()`, tested
+with ray 2.60.0):
 
     RAY_AUTH_MODE=disabled serve run deploy/ray/config.yaml              # autoscaling 1..4, :8000
     RAY_AUTH_MODE=disabled python deploy/ray/serve_app.py --replicas 2 --port 8000 [--artifact DIR]
@@ -29,7 +30,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
+
+try:
+    # late-bound ingress: the app comes from __serve_build_asgi_app__ at replica start
+    _late_bound_ingress = serve.ingress()
+except TypeError as e:  # older Ray: serve.ingress(app) needs the app at import time
+    raise ImportError("deploy/ray/serve_app.py needs a Ray Serve whose serve.ingress() accepts no app "
+                      f"(late-bound ASGI app; tested with ray 2.60.0), found ray {ray.__version__}") from e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT_NAME = "twinserve"
@@ -72,7 +81,7 @@ def settings_overrides(args: dict[str, Any] | None) -> dict[str, Any]:
     graceful_shutdown_wait_loop_s=2,
     graceful_shutdown_timeout_s=40,
 )
-@serve.ingress()
+@_late_bound_ingress
 class TwinServe:
     """One twinserve app per replica; the FastAPI app is created here, in the replica's __init__."""
 
@@ -117,8 +126,6 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     p = argparse.ArgumentParser(description="Serve twinserve with Ray Serve (local cluster).")
     p.add_argument("--artifact", default=os.environ.get("TWINSERVE_ARTIFACT", "artifacts/demo"))
     p.add_argument("--replicas", type=int, default=2, help="fixed replica count (default 2)")

@@ -103,8 +103,11 @@ def sse_events(lines) -> list:
     return out
 
 
-def assert_openai_error(resp, status: int, param: str | None | type(...) = ..., type_: str | None = None) -> dict:
-    """OpenAI error shape {"error": {message, type, param, code}}, no traceback; returns the error dict."""
+def assert_openai_error(resp, status: int, param: object = ..., type_: str | None = None) -> dict:
+    """OpenAI error shape {"error": {message, type, param, code}}, no traceback; returns the error dict.
+
+    ``param`` is checked when given (None included); ``...`` skips the check.
+    """
     assert resp.status_code == status, (resp.status_code, resp.text)
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()

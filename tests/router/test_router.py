@@ -1,0 +1,274 @@
+"""Router: padding-free features, training on separable tasks, top-k / temperature / fallback, bad data, artifact."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+
+from compression.artifact import ROUTER, ArtifactError, verify_artifact
+from router.features import pooled_features, prompt_features
+from router.model import Router, apply_top_k, load_router
+from router.train import MIN_PER_TASK, RouterDataError, read_labelled, train_router
+from server.loading import load_artifact
+from server.offline import encode_prompts
+from tests.conftest import (
+    EXPERT_NAMES,
+    ROUTER_TRAIN,
+    ROUTER_UNKNOWN_LETTERS,
+    read_manifest_json,
+    router_rows,
+    write_router_jsonl,
+)
+
+
+@pytest.fixture(scope="module")
+def art(routed_artifact):
+    return load_artifact(routed_artifact, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def router(art) -> Router:
+    r = load_router(art.path, art.manifest)
+    assert r is not None
+    return r
+
+
+@pytest.fixture(scope="module")
+def heldout(art, router):
+    """Fresh prompts of each task (another seed than training) and their features."""
+    rows = router_rows(20, seed=99)
+    x = prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config.feature_layer)
+    y = torch.tensor([EXPERT_NAMES.index(r["task"]) for r in rows])
+    return x, y
+
+
+# ----------------------------------------------------------------------------- features
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_pooling_ignores_padding(art, layer):
+    short, long = encode_prompts(art.tokenizer, ["add abc", "purr opq rstu opqr stuo pqrs tuop"])
+    alone = pooled_features(art.model, [short], layer)
+    for pad in (0, 5, 30):       # whatever the pad token, it never enters the mean
+        batch = pooled_features(art.model, [short, long, short[:3]], layer, pad_id=pad)
+        assert (batch[0] - alone[0]).abs().max() <= 1e-5
+        assert (batch[2] - pooled_features(art.model, [short[:3]], layer)[0]).abs().max() <= 1e-5
+    assert (batch[0] - batch[1]).abs().max() > 1e-3          # different prompts, different features
+    assert alone.dtype == torch.float32 and alone.shape == (1, art.model.args.hidden_size)
+
+
+def test_pooling_rejects_a_bad_layer(art):
+    with pytest.raises(ValueError, match="1..2"):
+        pooled_features(art.model, [[2, 5, 6]], 3)
+
+
+# ----------------------------------------------------------------------------- training and routing
+
+def test_router_separates_the_tasks(routed_artifact, router, heldout):
+    report = read_manifest_json(routed_artifact)["router"]["train"]
+    assert report["heldout_accuracy"] >= 0.95 and report["feature_layer"] == ROUTER_TRAIN["layer"]
+    x, y = heldout
+    out = router.route(x)
+    acc = float((out.top == y).float().mean())
+    assert acc >= 0.95
+    assert not bool(out.fallback.any())            # in-distribution prompts are confident and near a centroid
+    assert torch.allclose(out.weights.sum(-1), torch.ones(len(y)), atol=1e-5)
+
+
+def test_trained_router_equals_the_saved_one(art, router):
+    fresh, report = train_router(art, router_rows(), **ROUTER_TRAIN)
+    x = prompt_features(art.model, art.tokenizer, ["add abc fed", "jim hij", "purr rst"], 1)
+    assert torch.allclose(fresh.route(x).weights, router.route(x).weights, atol=1e-5)
+    assert fresh.config.max_distance == pytest.approx(router.config.max_distance)
+    assert set(report["confusion"]) == set(EXPERT_NAMES)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_keeps_k_weights_summing_to_one(router, heldout, k):
+    x, _ = heldout
+    out = router.route(x, top_k=k, temperature=3.0, fallback="none")
+    assert ((out.weights > 0).sum(-1) == k).all()
+    assert torch.allclose(out.weights.sum(-1), torch.ones(len(x)), atol=1e-5)
+    kept = out.weights.argsort(-1, descending=True)[:, :k]
+    assert (kept[:, 0] == out.top).all()             # the largest weights are kept
+    if k == 3:
+        assert torch.allclose(out.weights, out.probs)
+
+
+def test_apply_top_k_renormalises():
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.1, 0.7]])
+    assert torch.allclose(apply_top_k(p, 2), torch.tensor([[0.625, 0.375, 0.0], [0.2 / 0.9, 0.0, 0.7 / 0.9]]))
+    assert torch.allclose(apply_top_k(p, 1), torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
+    assert apply_top_k(p, None) is p and apply_top_k(p, 5) is p
+
+
+def test_higher_temperature_increases_entropy(router, heldout):
+    x, _ = heldout
+    ent = [router.route(x, temperature=t, fallback="none").entropy for t in (0.5, 1.0, 2.0, 8.0)]
+    for lo, hi in itertools.pairwise(ent):
+        assert (hi > lo).all()
+    assert float(ent[-1].max()) <= torch.log(torch.tensor(3.0)) + 1e-6
+
+
+def test_fallback_on_low_confidence(router, heldout):
+    x, _ = heldout
+    unsure = Router(dataclasses.replace(router.config, min_confidence=0.99), router.mlp)
+    out = unsure.route(x, temperature=10.0, fallback="backbone")
+    assert out.fallback.all()
+    assert (out.weights == 0).all()
+    out = unsure.route(x, temperature=10.0, fallback="uniform")
+    assert out.fallback.all() and torch.allclose(out.weights, torch.full_like(out.weights, 1 / 3))
+    out = unsure.route(x, temperature=10.0, fallback="none")
+    assert not out.fallback.any() and torch.allclose(out.weights, out.probs)
+    # the same router at a low temperature is confident on these prompts
+    assert not unsure.route(x[:3], temperature=0.05).fallback.any()
+    with pytest.raises(ValueError, match="fallback"):
+        router.route(x, fallback="nope")
+
+
+def test_fallback_on_distance_from_every_centroid(art, router):
+    mlp = router.mlp
+    far = mlp.mean + 40 * mlp.std * torch.tensor([1.0, -1.0]).repeat(mlp.mean.shape[0] // 2)
+    out = router.route(far[None])
+    assert float(out.distance[0]) > router.config.max_distance
+    assert bool(out.fallback[0]) and (out.weights[0] == 0).all()
+    # real prompts of no task are caught the same way
+    unknown = " ".join(ROUTER_UNKNOWN_LETTERS * 2 for _ in range(4))
+    out = router.route(prompt_features(art.model, art.tokenizer, [unknown], router.config.feature_layer))
+    assert bool(out.fallback[0]) and float(out.weights.sum()) == 0.0
+    out = router.route(prompt_features(art.model, art.tokenizer, [unknown], 1), fallback="uniform")
+    assert torch.allclose(out.weights, torch.full((1, 3), 1 / 3))
+
+
+def test_max_entropy_threshold(router, heldout):
+    x, _ = heldout
+    strict = Router(dataclasses.replace(router.config, max_entropy=1e-9, min_confidence=0.0), router.mlp)
+    assert strict.route(x).fallback.all()
+
+
+# ----------------------------------------------------------------------------- bad data
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def good_lines(n=MIN_PER_TASK):
+    return [json.dumps(r) for r in router_rows(n, seed=3)]
+
+
+@pytest.mark.parametrize("bad_line,needles", [
+    ('{"prompt": "write a poem", "task": "poetry"}', ["'poetry'", "not an expert", "math, code, chat"]),
+    ('{"prompt": "   ", "task": "math"}', ["'prompt'", "non-empty"]),
+    ('{"prompt": 3, "task": "math"}', ["'prompt'"]),
+    ('{"prompt": "add ab", "task": "math"', ["not valid JSON"]),
+    ('["add ab", "math"]', ["JSON object"]),
+])
+def test_read_labelled_names_the_line(tmp_path, bad_line, needles):
+    lines = good_lines()
+    lines.insert(2, "")            # blank lines are skipped but still counted
+    lines.insert(4, bad_line)      # line 5
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    with pytest.raises(RouterDataError) as e:
+        read_labelled(path, EXPERT_NAMES)
+    msg = str(e.value)
+    assert f"{path}:5:" in msg
+    for needle in needles:
+        assert needle in msg
+
+
+def test_read_labelled_too_few_per_task(tmp_path):
+    rows = router_rows(MIN_PER_TASK, seed=3)
+    rows = [r for r in rows if r["task"] != "code"] + [r for r in rows if r["task"] == "code"][:2]
+    path = write_router_jsonl(tmp_path / "few.jsonl", rows)
+    with pytest.raises(RouterDataError, match=r"too few labelled prompts for: code \(2\); need at least 5"):
+        read_labelled(path, EXPERT_NAMES)
+    with pytest.raises(RouterDataError, match="not found"):
+        read_labelled(tmp_path / "missing.jsonl", EXPERT_NAMES)
+
+
+def test_read_labelled_caps_per_task(tmp_path):
+    path = write_router_jsonl(tmp_path / "many.jsonl", router_rows(12, seed=4))
+    rows = read_labelled(path, EXPERT_NAMES, max_per_task=7, seed=1)
+    assert [r["task"] for r in rows] == [t for t in EXPERT_NAMES for _ in range(7)]
+    assert rows == read_labelled(path, EXPERT_NAMES, max_per_task=7, seed=1)     # seeded sample
+
+
+def test_train_router_rejects_bad_options(art):
+    with pytest.raises(RouterDataError, match="--layer"):
+        train_router(art, router_rows(6), layer=5)
+    with pytest.raises(RouterDataError, match="fallback"):
+        train_router(art, router_rows(6), fallback="sometimes")
+
+
+# ----------------------------------------------------------------------------- CLI and artifact
+
+@pytest.fixture
+def routed_copy(routed_artifact, tmp_path):
+    dst = tmp_path / "routed"
+    shutil.copytree(routed_artifact, dst)
+    return dst
+
+
+def test_cli_bad_data_exits_2_with_the_message(artifact_copy, tmp_path, capsys):
+    from server.cli import main
+
+    lines = good_lines()
+    lines.insert(1, '{"prompt": "write a poem", "task": "poetry"}')
+    data = write_lines(tmp_path / "bad.jsonl", lines)
+    before = (artifact_copy / "manifest.json").read_text()
+    code = main(["train-router", str(artifact_copy), "--data", str(data), "--layer", "1"])
+    err = "".join(capsys.readouterr().err.split())   # rich wraps (and may fold) long lines
+    assert code == 2
+    assert "error:" in err and f"{data.name}:2:" in err and "'poetry'" in err
+    assert "Traceback" not in err
+    assert (artifact_copy / "manifest.json").read_text() == before     # nothing written
+    code = main(["train-router", str(artifact_copy), "--data", str(tmp_path / "nope.jsonl")])
+    assert code == 2 and "notfound" in "".join(capsys.readouterr().err.split())
+
+
+def test_cli_trains_and_the_artifact_still_verifies(artifact_copy, tmp_path, capsys):
+    from server.cli import main
+
+    data = write_router_jsonl(tmp_path / "rows.jsonl", router_rows(10, seed=8))
+    assert read_manifest_json(artifact_copy)["router"] is None
+    code = main(["train-router", str(artifact_copy), "--data", str(data), "--layer", "1", "--epochs", "60",
+                 "--hidden", "16", "--fallback", "uniform"])
+    assert code == 0, capsys.readouterr().err
+    manifest = verify_artifact(artifact_copy)
+    assert ROUTER in manifest["files"]
+    section = manifest["router"]
+    assert section["config"]["experts"] == EXPERT_NAMES and section["config"]["fallback"] == "uniform"
+    assert section["config"]["feature_layer"] == 1 and section["config"]["hidden"] == 16
+    assert section["train"]["heldout_accuracy"] >= 0.95
+    assert load_router(artifact_copy, manifest).config.fallback == "uniform"
+
+
+def test_router_artifact_verifies_and_tampering_is_detected(routed_artifact, routed_copy):
+    manifest = verify_artifact(routed_artifact)
+    assert ROUTER in manifest["files"] and manifest["router"]["config"]["feature_layer"] == 1
+    assert set(manifest["router"]) == {"config", "train"}
+    blob = bytearray((routed_copy / ROUTER).read_bytes())
+    blob[-1] ^= 0x01
+    (routed_copy / ROUTER).write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="router.safetensors") as e:
+        verify_artifact(routed_copy)
+    assert "checksum" in str(e.value)
+    (routed_copy / ROUTER).write_bytes(bytes(blob[:-8]))
+    with pytest.raises(ArtifactError, match="router.safetensors.*truncated"):
+        verify_artifact(routed_copy)
+
+
+def test_load_router_rejects_mismatched_experts(routed_artifact):
+    manifest = json.loads((routed_artifact / "manifest.json").read_text())
+    manifest["router"]["config"]["experts"] = ["math", "chat", "code"]
+    with pytest.raises(ArtifactError, match="router.safetensors.*differ"):
+        load_router(routed_artifact, manifest)
+    manifest["router"]["config"]["experts"] = EXPERT_NAMES
+    manifest["router"]["config"]["hidden"] = 64
+    with pytest.raises(ArtifactError, match="router.safetensors.*does not match"):
+        load_router(routed_artifact, manifest)
+    assert load_router(routed_artifact, {"experts": [], "router": None}) is None
