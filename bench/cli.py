@@ -23,8 +23,8 @@ from .report import check_targets, compute_ratios, print_ratios, print_runs, wri
 from .runner import MODES, ArtifactBench, bench_artifact, peak_rss_bytes
 from .synthetic import SyntheticSpec, build_synthetic_artifact
 
-DEFAULTS = {"requests": 64, "batch_sizes": [1, 8, 16], "max_tokens": 16}
-QUICK = {"requests": 8, "batch_sizes": [1, 4], "max_tokens": 4}
+DEFAULTS = {"requests": 64, "batch_sizes": [1, 8, 16], "max_tokens": 16, "serial_requests": 16, "min_seconds": 3.0}
+QUICK = {"requests": 8, "batch_sizes": [1, 4], "max_tokens": 4, "serial_requests": 8, "min_seconds": 0.0}
 SYNTHETIC_LABEL = "synthetic"
 # One intra-op thread by default: on a shared 2-core box, OpenMP spin-waiting with 2 threads made the same
 # forward 4-7x slower and far noisier (measured: 8-layer synthetic decode at batch 16, 1.77 s vs 0.26 s).
@@ -67,6 +67,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
               batch_sizes: list[int] | None = None, max_tokens: int | None = None,
               modes: tuple[str, ...] = MODES, tasks: str | Path | None = None, quick: bool = False,
               threads: int | None = None, synthetic_dir: str | Path | None = None,
+              serial_requests: int | None = None, min_seconds: float | None = None,
               console: Console | None = None) -> dict:
     """Run the benchmark and write the JSON report to ``out`` (atomically); return the report."""
     if console is None:
@@ -77,6 +78,8 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     requests = requests or base["requests"]
     batch_sizes = batch_sizes or list(base["batch_sizes"])
     max_tokens = max_tokens or base["max_tokens"]
+    serial_requests = min(requests, serial_requests or base["serial_requests"])
+    min_seconds = base["min_seconds"] if min_seconds is None else min_seconds
     if artifact is None and not synthetic:
         raise _usage_error("give an ARTIFACT, --synthetic, or both")
     if requests < 1 or max_tokens < 1:
@@ -99,8 +102,9 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
 
     async def bench_all() -> list[ArtifactBench]:
         done = []
-        kw = dict(modes=modes, batch_sizes=batch_sizes, requests=requests, max_tokens=max_tokens, log=log,
-                  equivalence_requests=min(16, requests))
+        kw = {"modes": modes, "batch_sizes": batch_sizes, "requests": requests, "max_tokens": max_tokens,
+              "log": log, "equivalence_requests": min(16, requests), "serial_requests": serial_requests,
+              "min_seconds": min_seconds}
         if artifact is not None:
             done.append(await bench_artifact(artifact, label, tasks=tasks, **kw))
         if synthetic:
@@ -128,9 +132,14 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     if label is not None:
         report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
     report["config"] = {
-        "requests": requests, "batch_sizes": batch_sizes, "max_tokens": max_tokens, "modes": list(modes),
+        "requests": requests, "serial_requests": serial_requests, "batch_sizes": batch_sizes,
+        "max_tokens": max_tokens, "modes": list(modes),
         "quick": quick, "greedy": True, "ignore_eos": True, "closed_loop": "concurrency = batch size "
         "(materialize/expert: 1)", "warmup": "one batch of distinct prompts (4 tokens) per configuration",
+        "serial_runs": "runs with concurrency 1 (batch 1, materialize, expert) use the first serial_requests "
+        "prompts of the same interleaved mix (sequential: throughput does not depend on the count)",
+        "min_seconds": min_seconds, "repeats": "a run shorter than min_seconds repeats its timed loop (same "
+        "prompts, at most 5 times) and reports the repetition with the median throughput",
         "demo_artifact": label, "synthetic": spec.to_dict() if synthetic else None,
         "artifacts": {res.label: res.info for res in results},
         "equivalence": {res.label: res.info["equivalence"] for res in results if "equivalence" in res.info},
@@ -163,7 +172,8 @@ def cmd_bench(args) -> int:
     run_bench(args.artifact, args.out, synthetic=args.synthetic, requests=args.requests,
               batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
               max_tokens=args.max_tokens, modes=parse_modes(args.modes), tasks=args.tasks, quick=args.quick,
-              threads=args.threads, synthetic_dir=args.synthetic_dir)
+              threads=args.threads, synthetic_dir=args.synthetic_dir, serial_requests=args.serial_requests,
+              min_seconds=args.min_seconds)
     return 0
 
 
@@ -192,6 +202,11 @@ def register(sub) -> argparse.ArgumentParser:
                    help=f"torch CPU threads (default {DEFAULT_THREADS}; 0 = torch's choice)")
     p.add_argument("--synthetic-dir", default=None, metavar="DIR",
                    help="write the synthetic artifact here and keep it (default: a temp dir, removed)")
+    p.add_argument("--serial-requests", type=int, default=None, metavar="N",
+                   help="requests for runs with concurrency 1 (batch 1, materialize, expert): the first N of "
+                        "the same mix (default 16)")
+    p.add_argument("--min-seconds", type=float, default=None, metavar="S",
+                   help="repeat a timed loop shorter than S seconds (up to 5×) and report the median (default 3)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for tests: 8 requests, batch 1,4, "
                    "4 tokens, a 2-layer synthetic artifact")
     p.set_defaults(fn=cmd_bench)

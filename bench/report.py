@@ -43,8 +43,8 @@ def _div(a: float | None, b: float | None) -> float | None:
 def compute_ratios(runs: list[dict], label: str, batch: int) -> dict:
     bb, lr = _find(runs, label, "backbone", batch), _find(runs, label, "lowrank", batch)
     top2, mat = _find(runs, label, "lowrank_top2", batch), _find(runs, label, "materialize", None)
-    tps = lambda r: None if r is None else r["tokens_per_s"]  # noqa: E731
-    mem = lambda r: None if r is None else r["memory_bytes"]  # noqa: E731
+    tps = lambda r: None if r is None else r["tokens_per_s"]
+    mem = lambda r: None if r is None else r["memory_bytes"]
     return {
         "lowrank_vs_backbone_throughput": _div(tps(lr), tps(bb)),
         "lowrank_top2_vs_backbone_throughput": _div(tps(top2), tps(bb)),

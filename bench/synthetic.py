@@ -33,7 +33,15 @@ import torch
 from safetensors.torch import save, save_file
 
 from compression import __version__
-from compression.artifact import BACKBONE, EXCLUSIVE, REPORT, ROUTER, atomic_dir, exclusive_key, finalize_manifest
+from compression.artifact import (
+    BACKBONE,
+    EXCLUSIVE,
+    REPORT,
+    ROUTER,
+    atomic_dir,
+    exclusive_key,
+    finalize_manifest,
+)
 
 SYNTHETIC_TASK_PREFIX = "synth"
 
@@ -54,7 +62,7 @@ class SyntheticSpec:
     seed: int = 0
 
     @classmethod
-    def quick(cls) -> "SyntheticSpec":
+    def quick(cls) -> SyntheticSpec:
         """A tiny variant for tests and smoke runs (seconds, not minutes)."""
         return cls(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128,
                    vocab_size=512, max_position_embeddings=256, num_experts=4, rank=4, router_layer=1,

@@ -50,12 +50,19 @@ def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def make_readable(root: Path) -> None:
+    """Files 0644, dirs 0755: safetensors writes 0600, which a server running as another user cannot read."""
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
 def finalize_manifest(root: Path, manifest: dict) -> dict:
-    """Record size and sha256 of every file under ``root`` and write manifest.json."""
+    """Record size and sha256 of every file under ``root`` and write manifest.json (all world-readable)."""
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
     manifest["files"] = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
                          for rel in _listing(root)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    make_readable(root)
     return manifest
 
 

@@ -26,7 +26,8 @@ if "$PY" -c "import kubernetes_validate" 2>/dev/null; then
 else echo "skip: kubernetes-validate not installed"; KV=(); fi
 if h=$(tool helm); then
     run "$h" lint --strict deploy/helm/twinserve
-    for extra in "" "--set demoJob.enabled=true --set autoscaling.enabled=false --set apiKey.existingSecret=k"; do
+    for extra in "" "--set demoJob.enabled=true --set autoscaling.enabled=false --set apiKey.existingSecret=k" \
+                 "--set persistence.enabled=false --set image.tag=demo"; do
         # shellcheck disable=SC2086
         if out=$("$h" template twinserve deploy/helm/twinserve $extra); then
             echo "+ helm template twinserve deploy/helm/twinserve $extra | kubernetes-validate"

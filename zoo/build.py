@@ -18,7 +18,7 @@ from rich.table import Table
 from transformers import LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from compression.artifact import atomic_dir
+from compression.artifact import atomic_dir, make_readable
 from compression.recipe import ExpertSpec, MergeSpec, RankPolicy, Recipe, dump_recipe
 
 from .tasks import SPLIT_SIZES, TASKS, make_splits, pretrain_example, read_jsonl, write_jsonl
@@ -109,6 +109,7 @@ def build_zoo(out: str | Path, settings: ZooSettings = ZooSettings(), force: boo
         dump_recipe(demo_recipe(settings), tmp / "recipe.yaml")
         info["seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "zoo.json").write_text(json.dumps(info, indent=2))
+        make_readable(tmp)
     print_zoo_table(info, console)
     return info
 

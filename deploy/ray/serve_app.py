@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 try:
     # late-bound ingress: the app comes from __serve_build_asgi_app__ at replica start
@@ -96,7 +97,7 @@ class TwinServe:
             self.settings = self.settings.model_copy(update={"threads": 1})
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a replica (unit use)
+        except RayServeException:  # outside a replica (unit use)
             self.replica_id = f"pid-{os.getpid()}"
         self.twin_app = create_app(self.settings)
 

@@ -11,8 +11,14 @@ import pytest
 
 from bench.cli import parse_batch_sizes, parse_modes, run_bench
 from bench.report import RATIO_KEYS, TARGETS
-from bench.runner import (MODES, check_all_generated, load_bench_artifact, one_hot_routing, random_workload,
-                          run_engine)
+from bench.runner import (
+    MODES,
+    check_all_generated,
+    load_bench_artifact,
+    one_hot_routing,
+    random_workload,
+    run_engine,
+)
 from server.cli import UsageError, main
 from tests.conftest import EXPERT_NAMES
 

@@ -252,3 +252,10 @@ def test_finalize_manifest_records_nested_files(tmp_path):
     shutil.rmtree(tmp_path / "sub")
     with pytest.raises(ArtifactError, match="x.bin: missing"):
         verify_artifact(tmp_path)
+
+
+def test_artifact_files_are_world_readable(tiny_artifact):
+    import stat
+    for f in tiny_artifact.rglob("*"):
+        mode = stat.S_IMODE(f.stat().st_mode)
+        assert mode & 0o004, f"{f} is not world-readable ({oct(mode)})"

@@ -32,7 +32,7 @@ find_tools = _load_find_tools()
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, **kw)
 
 
 def k8s_docs() -> dict[str, dict]:
@@ -67,7 +67,7 @@ def dockerfile_stages(text: str) -> list[tuple[str, list[str]]]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.I)
+        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
         if m:
             stages.append((m.group(1) or f"stage{len(stages)}", []))
         elif stages:
@@ -148,7 +148,7 @@ def test_k8s_kubernetes_validate():
                              "(pip install kubernetes-validate) - schema validation skipped")
     docs = k8s_docs()
     assert docs
-    for name, doc in docs.items():
+    for doc in docs.values():
         for version in ("1.29.0", kv.latest_version()):
             kv.validate(doc, version, strict=True)  # raises ValidationError with the bad field
 
@@ -211,9 +211,23 @@ def test_helm_template_variants(helm):
     assert "/artifacts/prod" in " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
 
 
+def test_helm_without_persistence_keeps_the_baked_in_artifact_visible(helm):
+    """persistence.enabled=false is for the `demo` image: nothing may be mounted over /artifacts."""
+    docs = helm_template(helm, "persistence.enabled=false", "image.tag=demo")
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    deploy = only(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    c = container(deploy)
+    assert c["image"] == "twinserve:demo"
+    assert all(not m["mountPath"].startswith("/artifacts") for m in c["volumeMounts"])
+    assert only(docs, "ConfigMap")["data"]["TWINSERVE_ARTIFACT"] == "/artifacts/demo"
+
+
 def test_helm_template_kubernetes_validate(helm):
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
-    for sets in ((), ("demoJob.enabled=true", "autoscaling.enabled=false", "apiKey.existingSecret=k")):
+    for sets in ((), ("demoJob.enabled=true", "autoscaling.enabled=false", "apiKey.existingSecret=k"),
+                 ("persistence.enabled=false",)):
         for doc in helm_template(helm, *sets):
             kv.validate(doc, kv.latest_version(), strict=True)
 
@@ -299,7 +313,7 @@ def test_compose_matches_prometheus_scrape():
 # ------------------------------------------------------------------------------- Dockerfile / image
 def test_dockerfile_contract():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
     stages = dockerfile_stages(text)
     names = [n for n, _ in stages]
     assert {"build", "demo", "runtime"} <= set(names)
@@ -412,7 +426,7 @@ def test_ray_config_matches_the_app():
     assert app["route_prefix"] == "/"
     module, attr = app["import_path"].split(":")
     assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
-    assert re.search(rf"^def {attr}\(", (ROOT / (module.replace(".", "/") + ".py")).read_text(), re.M)
+    assert re.search(rf"^def {attr}\(", (ROOT / (module.replace(".", "/") + ".py")).read_text(), re.MULTILINE)
     dep = app["deployments"][0]
     auto = dep["autoscaling_config"]
     assert auto["min_replicas"] == 1 and auto["max_replicas"] > 1

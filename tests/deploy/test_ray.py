@@ -141,15 +141,13 @@ def test_streaming_through_the_proxy(ray_serve):
     import httpx
 
     events = []
-    with httpx.Client(base_url=ray_serve["url"], timeout=60) as c:
-        with c.stream("POST", "/v1/chat/completions",
-                      json={"model": ray_serve["model"], "messages": [{"role": "user", "content": "hello"}],
-                            "max_tokens": 8, "temperature": 0, "stream": True}) as r:
-            assert r.status_code == 200
-            assert r.headers["content-type"].startswith("text/event-stream")
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[len("data: "):])
+    body = {"model": ray_serve["model"], "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=ray_serve["url"], timeout=60) as c, \
+            c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events.extend(line[len("data: "):] for line in r.iter_lines() if line.startswith("data: "))
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks and all(ch["object"] == "chat.completion.chunk" for ch in chunks)
