@@ -45,7 +45,7 @@ class RoutingSpec:
     temperature: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `in`/remove on running lists must never compare fields (tensors inside)
 class Request:
     prompt_ids: list[int]
     params: SamplingParams

@@ -113,3 +113,21 @@ def test_cli_registered(tiny_artifact, tmp_path):
     assert [(r["mode"], r["batch_size"], r["tokens"]) for r in rep["runs"]] == [("backbone", 2, 6), ("lowrank", 2, 6)]
     assert "ratios" not in rep and rep["demo_ratios"]["lowrank_vs_materialize_throughput"] is None
     assert EXPERT_NAMES == rep["config"]["artifacts"][rep["config"]["demo_artifact"]]["experts"]
+
+
+def test_identical_pinned_requests_in_one_batch(tiny_artifact):
+    """Identical prompts with explicit weights in one batch (the bench's repeated warm-up prompts do this).
+
+    Regression: Request was a dataclass with field equality, so `r not in admitted` compared the
+    RoutingSpec weight tensors and the engine step failed with "Boolean value of Tensor ... ambiguous".
+    """
+    async def go():
+        art = load_bench_artifact(tiny_artifact, with_experts=True)
+        work = random_workload(art, n=1, n_warm=1, seed=3)
+        same = [work.prompts[0]] * 4
+        return await run_engine(art, None, "lowrank", 4, work, 3, 64, prompts=same,
+                                routing=one_hot_routing(art.expert_names, "math"))
+
+    r = asyncio.run(go())
+    check_all_generated(r, 3)
+    assert r.requests == 4 and all(o == r.outputs[0] for o in r.outputs)
