@@ -23,6 +23,7 @@ class LowRankDeltas:
     B_cat: torch.Tensor  # (d_out, R)
     idx: torch.Tensor    # (R,) long, expert index of each factor column
     num_experts: int
+    offsets: tuple[int, ...] = ()  # expert t owns columns offsets[t]:offsets[t+1] (idx is sorted)
 
     @classmethod
     def from_factors(cls, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> "LowRankDeltas":
@@ -30,11 +31,14 @@ class LowRankDeltas:
         A_cat = torch.cat([a for _, a in factors], 0)
         B_cat = torch.cat([b for b, _ in factors], 1)
         idx = torch.cat([torch.full((a.shape[0],), t, dtype=torch.long) for t, (_, a) in enumerate(factors)])
-        return cls(A_cat.contiguous(), B_cat.contiguous(), idx.to(A_cat.device), len(factors))
+        offsets = [0]
+        for _, a in factors:
+            offsets.append(offsets[-1] + a.shape[0])
+        return cls(A_cat.contiguous(), B_cat.contiguous(), idx.to(A_cat.device), len(factors), tuple(offsets))
 
     def to(self, device=None, dtype=None) -> "LowRankDeltas":
         return LowRankDeltas(self.A_cat.to(device=device, dtype=dtype), self.B_cat.to(device=device, dtype=dtype),
-                             self.idx.to(device=device), self.num_experts)
+                             self.idx.to(device=device), self.num_experts, self.offsets)
 
     @property
     def rank(self) -> int:
@@ -46,8 +50,52 @@ class LowRankDeltas:
         return LowRankDeltas(self.A_cat[keep], self.B_cat[:, keep], self.idx[keep], self.num_experts)
 
 
-def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor) -> torch.Tensor:
+class ExpertWeights:
+    """Per-row weights w (N, T) plus, for sparse (top-k) routing, the rows each active expert serves.
+
+    Built once per forward and shared by every layer, so the grouping is computed once per step.
+    """
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+        nnz = int((w != 0).sum())
+        # grouped path only when it skips at least half of the factor work
+        self.sparse = nnz * 2 <= w.numel()
+        self.groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        if self.sparse:
+            for t in torch.nonzero((w != 0).any(0)).flatten().tolist():
+                rows = torch.nonzero(w[:, t]).flatten()
+                self.groups.append((t, rows, w[rows, t]))
+
+    def to(self, dtype) -> "ExpertWeights":
+        if self.w.dtype == dtype:
+            return self
+        out = ExpertWeights.__new__(ExpertWeights)
+        out.w, out.sparse = self.w.to(dtype), self.sparse
+        out.groups = [(t, rows, v.to(dtype)) for t, rows, v in self.groups]
+        return out
+
+
+def _grouped_delta(x: torch.Tensor, d: LowRankDeltas, ew: ExpertWeights) -> torch.Tensor:
+    """Sparse routing: each active expert's factors touch only the rows routed to it."""
+    out = x.new_zeros(*x.shape[:-1], d.B_cat.shape[0])
+    for t, rows, vals in ew.groups:
+        lo, hi = d.offsets[t], d.offsets[t + 1]
+        if hi == lo:
+            continue
+        xr = x[rows]                                                  # (n_t, [S,] d_in)
+        h = xr @ d.A_cat[lo:hi].T                                     # (n_t, [S,] r_t)
+        h = h * vals.view(-1, *([1] * (x.ndim - 1)))
+        out.index_add_(0, rows, h @ d.B_cat[:, lo:hi].T)
+    return out
+
+
+def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
     """Σ_t w_t B_t A_t x for each row.  x: (N, S, d_in) or (N, d_in), w: (N, T) -> (N, S, d_out) or (N, d_out)."""
+    if isinstance(w, ExpertWeights):
+        if w.sparse and d.offsets:
+            return _grouped_delta(x, d, w)
+        w = w.w
     h = x @ d.A_cat.T                    # (N, S, R)
     scale = w[:, d.idx]                  # (N, R): each rank column gets its expert's weight in that row
     h = h * (scale.unsqueeze(1) if x.ndim == 3 else scale)

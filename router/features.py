@@ -22,7 +22,7 @@ def pooled_features(model: TwinModel, token_ids: list[list[int]], layer: int, pa
     for i in range(0, len(token_ids), batch_size):
         chunk = token_ids[i:i + batch_size]
         ids, pos, lengths = right_pad(chunk, pad_id, device)
-        cache = model.new_cache(len(chunk), ids.shape[1])
+        cache = model.new_cache(len(chunk), ids.shape[1], layers=layer)
         h = model(ids, pos, cache, torch.arange(len(chunk), device=device), None, num_layers=layer)  # (n, S, H)
         mask = (pos < lengths[:, None]).unsqueeze(-1).to(h.dtype)                                    # (n, S, 1)
         feats.append(((h * mask).sum(1) / lengths[:, None].to(h.dtype)).float())

@@ -279,7 +279,7 @@ class Engine:
             if self.mode == "expert":
                 m = self.art.expert_model(t) if t >= 0 else self.model
             else:
-                m = self.model.fused(torch.tensor(key)) if key is not None else self.model
+                m = self.model.fused(w) if w is not None else self.model  # exact w; the key only caches
             self._fused[key] = m
             while len(self._fused) > self.settings.materialize_cache:
                 self._fused.popitem(last=False)
@@ -342,6 +342,7 @@ class Engine:
 
     # ---- leaving the batch ----------------------------------------------------------------------
     def _release(self, req: Request) -> None:
+        req.model = None  # do not keep a fused model alive through a finished request
         if req in self.running:
             self.running.remove(req)
         if req.slot >= 0:

@@ -12,6 +12,7 @@ Supports the configs of Llama, Mistral and Qwen2 (q/k/v biases), read with trans
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from compression.fusion import LowRankDeltas, delta_activations, materialize_weight
+from compression.fusion import ExpertWeights, LowRankDeltas, delta_activations, materialize_weight
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -75,7 +76,7 @@ class TwinLinear(nn.Module):
         if self.deltas is not None and self.deltas.rank:
             y = y + delta_activations(x, self.deltas, w)
         if self.bias_deltas is not None:
-            y = y + (w @ self.bias_deltas).unsqueeze(1)
+            y = y + (w.w @ self.bias_deltas).unsqueeze(1)
         return y
 
 
@@ -89,7 +90,7 @@ class TwinEmbedding(nn.Module):
         e = F.embedding(tokens, self.weight)              # (N, S, H)
         if w is None or self.deltas is None or not self.deltas.rank:
             return e
-        b = self.deltas.B_cat[tokens] * w[:, self.deltas.idx].unsqueeze(1)   # (N, S, R)
+        b = self.deltas.B_cat[tokens] * w.w[:, self.deltas.idx].unsqueeze(1)   # (N, S, R)
         return e + b @ self.deltas.A_cat
 
 
@@ -106,7 +107,7 @@ class TwinRMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         g = self.weight
         if w is not None and self.deltas is not None:
-            g = (g + w @ self.deltas).unsqueeze(1)        # (N, 1, H): per-row gain
+            g = (g + w.w @ self.deltas).unsqueeze(1)      # (N, 1, H): per-row gain
         return g * x32.to(dtype)
 
 
@@ -241,14 +242,14 @@ class TwinModel(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 w: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
                 num_layers: int | None = None) -> torch.Tensor:
-        """tokens, positions: (N, S) long; slots: (N,) long; w: (N, T) or None.
+        """tokens, positions: (N, S) long; slots: (N,) long; w: (N, T) (or ExpertWeights) or None.
 
         Returns logits (N, S, V), or (N, V) at column ``logits_at`` (N,) of each row. With
         ``num_layers`` it stops after that many blocks and returns the hidden states (N, S, H).
         """
-        x = self.embed_tokens(tokens, w)
         if w is not None:
-            w = w.to(x.dtype)
+            w = (w if isinstance(w, ExpertWeights) else ExpertWeights(w)).to(self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(tokens, w)
         cos, sin = self.rotary(x, positions)               # (N, S, hd)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         length = int(positions.max()) + 1
@@ -290,6 +291,8 @@ class TwinModel(nn.Module):
             state["lm_head.weight"] = materialize_weight(self.lm_head.weight, self.lm_head.deltas, w)
         return TwinModel(self.config, state).eval()
 
-    def new_cache(self, slots: int, max_seq: int) -> KVCache:
-        return KVCache(self.args, slots, max_seq, device=self.embed_tokens.weight.device,
+    def new_cache(self, slots: int, max_seq: int, layers: int | None = None) -> KVCache:
+        """``layers`` < num_layers makes a cache for a truncated pass (router features)."""
+        args = self.args if layers is None else dataclasses.replace(self.args, num_layers=layers)
+        return KVCache(args, slots, max_seq, device=self.embed_tokens.weight.device,
                        dtype=self.embed_tokens.weight.dtype)

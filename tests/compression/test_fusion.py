@@ -168,3 +168,25 @@ def test_to_changes_dtype_and_keeps_idx_long():
     y = twin_linear(x, torch.zeros(3, 4, dtype=torch.float64), None, d64, w)
     assert y.dtype == torch.float64
     assert_close(y[0], F.linear(x[0], materialize_weight(torch.zeros(3, 4, dtype=torch.float64), d64, w[0])))
+
+
+@pytest.mark.parametrize("x_shape", [(6, 5, 24), (6, 24)])
+def test_grouped_sparse_path_equals_dense(x_shape):
+    """Top-k weights take the per-expert row-grouped path; it must equal the concatenated path."""
+    from compression.fusion import ExpertWeights
+
+    g = torch.Generator().manual_seed(3)
+    ranks = [4, 0, 3, 5, 2]
+    d = LowRankDeltas.from_factors([(torch.randn(16, r, generator=g), torch.randn(r, 24, generator=g))
+                                    for r in ranks])
+    w = torch.zeros(6, len(ranks))
+    picks = [(0, 2), (1, 3), (0, 1), (4, 4), (2, 3), (0, 4)]  # row 3 uses one expert twice = top-1
+    for row, (a, b) in enumerate(picks):
+        w[row, a] = 0.7
+        w[row, b] += 0.3
+    ew = ExpertWeights(w)
+    assert ew.sparse and {t for t, _, _ in ew.groups} == {0, 1, 2, 3, 4}
+    x = torch.randn(*x_shape, generator=g)
+    assert_close(delta_activations(x, d, ew), delta_activations(x, d, w), atol=1e-5, rtol=1e-5)
+    dense = ExpertWeights(torch.softmax(torch.randn(6, 5, generator=g), -1))
+    assert not dense.sparse
