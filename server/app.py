@@ -100,9 +100,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from .routes import router
     app.include_router(router)
-    try:
-        from .playground import mount_playground
-        mount_playground(app)
-    except ImportError:
-        pass
+    from .playground import mount_playground
+    mount_playground(app)
     return app

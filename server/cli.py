@@ -21,14 +21,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from compression.checkpoints import CheckpointError
     from compression.recipe import RecipeError
     from bench.quality import EvalError
+    from loadtest.workload import LoadtestError
+    from router.train import RouterDataError
     from server.model import UnsupportedModelError
-    errors = [ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError]
-    try:
-        from router.train import RouterDataError
-        errors.append(RouterDataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
+            RouterDataError, LoadtestError)
 
 
 # ---- subcommands -------------------------------------------------------------------------------
@@ -75,10 +72,7 @@ def cmd_eval(args) -> int:
 
 
 def _router_weights():
-    try:
-        from router.evaluate import router_weight_fn
-    except ImportError:
-        return None
+    from router.evaluate import router_weight_fn
     return router_weight_fn
 
 
@@ -101,11 +95,8 @@ def cmd_demo(args) -> int:
         console.print(f"[green]artifact cache hit[/] {out}")
     else:
         build_artifact(recipe, out, extra_manifest={"zoo_fingerprint": info["fingerprint"]})
-    try:
-        from router.train import ensure_demo_router
-        ensure_demo_router(out, Path(args.zoo), console=console)
-    except ImportError:
-        pass
+    from router.train import ensure_demo_router
+    ensure_demo_router(out, Path(args.zoo), console=console)
     report = read_report(out)
     if "quality" not in report or args.reeval:
         from bench.quality import evaluate
@@ -153,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reeval", action="store_true", help="re-run the evaluation even if report.json has one")
     d.set_defaults(fn=cmd_demo)
 
-    for extra in ("router.cli", "server.serve_cli", "loadtest.cli", "bench.cli"):
-        try:
-            __import__(extra, fromlist=["register"]).register(sub)
-        except ImportError:
-            pass
+    from bench.cli import register as register_bench
+    from loadtest.cli import register as register_loadtest
+    from router.cli import register as register_router
+    from server.serve_cli import register as register_serve
+    for register in (register_router, register_serve, register_loadtest, register_bench):
+        register(sub)
     return p
 
 

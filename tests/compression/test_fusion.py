@@ -173,6 +173,7 @@ def test_to_changes_dtype_and_keeps_idx_long():
 @pytest.mark.parametrize("x_shape", [(6, 5, 24), (6, 24)])
 def test_grouped_sparse_path_equals_dense(x_shape):
     """Top-k weights take the per-expert row-grouped path; it must equal the concatenated path."""
+    from compression import fusion
     from compression.fusion import ExpertWeights
 
     g = torch.Generator().manual_seed(3)
@@ -187,6 +188,7 @@ def test_grouped_sparse_path_equals_dense(x_shape):
     ew = ExpertWeights(w)
     assert ew.sparse and {t for t, _, _ in ew.groups} == {0, 1, 2, 3, 4}
     x = torch.randn(*x_shape, generator=g)
+    assert_close(fusion._grouped_delta(x, d, ew), delta_activations(x, d, w), atol=1e-5, rtol=1e-5)
     assert_close(delta_activations(x, d, ew), delta_activations(x, d, w), atol=1e-5, rtol=1e-5)
     dense = ExpertWeights(torch.softmax(torch.randn(6, 5, generator=g), -1))
     assert not dense.sparse
