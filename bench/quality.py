@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
@@ -235,7 +235,7 @@ def rank_sweep(path: str | Path, ranks: list[int], tasks: str | Path | None = No
     recipe = Recipe.model_validate(manifest["recipe"])
     tasks = tasks or str(find_tasks_dir(load_artifact(path, device="cpu", dtype="float32"), None))
     rows = []
-    quiet = Console(file=open("/dev/null", "w"))
+    quiet = Console(quiet=True)
     for r in ranks:
         with tempfile.TemporaryDirectory() as tmp, console.status(f"rank {r}: build + twin_oracle"):
             out = Path(tmp) / "a"

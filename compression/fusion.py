@@ -26,7 +26,7 @@ class LowRankDeltas:
     offsets: tuple[int, ...] = ()  # expert t owns columns offsets[t]:offsets[t+1] (idx is sorted)
 
     @classmethod
-    def from_factors(cls, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> "LowRankDeltas":
+    def from_factors(cls, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> LowRankDeltas:
         """factors[t] = (B_t (d_out×r_t), A_t (r_t×d_in)); r_t may be 0."""
         A_cat = torch.cat([a for _, a in factors], 0)
         B_cat = torch.cat([b for b, _ in factors], 1)
@@ -36,7 +36,7 @@ class LowRankDeltas:
             offsets.append(offsets[-1] + a.shape[0])
         return cls(A_cat.contiguous(), B_cat.contiguous(), idx.to(A_cat.device), len(factors), tuple(offsets))
 
-    def to(self, device=None, dtype=None) -> "LowRankDeltas":
+    def to(self, device=None, dtype=None) -> LowRankDeltas:
         return LowRankDeltas(self.A_cat.to(device=device, dtype=dtype), self.B_cat.to(device=device, dtype=dtype),
                              self.idx.to(device=device), self.num_experts, self.offsets)
 
@@ -44,7 +44,7 @@ class LowRankDeltas:
     def rank(self) -> int:
         return self.A_cat.shape[0]
 
-    def select(self, experts: torch.Tensor) -> "LowRankDeltas":
+    def select(self, experts: torch.Tensor) -> LowRankDeltas:
         """Only the factor columns of ``experts`` (1-D long): top-k routing gathers k experts' factors."""
         keep = torch.isin(self.idx, experts)
         return LowRankDeltas(self.A_cat[keep], self.B_cat[:, keep], self.idx[keep], self.num_experts)
@@ -72,7 +72,7 @@ class ExpertWeights:
                 rows = torch.nonzero(w[:, t]).flatten()
                 self.groups.append((t, rows, w[rows, t]))
 
-    def to(self, dtype) -> "ExpertWeights":
+    def to(self, dtype) -> ExpertWeights:
         if self.w.dtype == dtype:
             return self
         out = ExpertWeights.__new__(ExpertWeights)

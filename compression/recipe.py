@@ -52,7 +52,7 @@ class RankPolicy(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _one_policy(self) -> "RankPolicy":
+    def _one_policy(self) -> RankPolicy:
         if (self.rank is None) == (self.energy is None):
             raise ValueError("set exactly one of rank.rank and rank.energy")
         return self
@@ -75,7 +75,7 @@ class Recipe(_Strict):
             raise ValueError(f"duplicate expert names: {', '.join(dup)}")
         return experts
 
-    def resolve(self, root: Path) -> "Recipe":
+    def resolve(self, root: Path) -> Recipe:
         """Return a copy whose relative paths are resolved against ``root`` (the recipe's folder)."""
         def r(p: str | None) -> str | None:
             return None if p is None else str((root / p).resolve()) if not Path(p).is_absolute() else p

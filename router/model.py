@@ -37,7 +37,7 @@ class RouterConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RouterConfig":
+    def from_dict(cls, d: dict) -> RouterConfig:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 

@@ -17,10 +17,10 @@ class UsageError(ValueError):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from bench.quality import EvalError
     from compression.artifact import ArtifactError
     from compression.checkpoints import CheckpointError
     from compression.recipe import RecipeError
-    from bench.quality import EvalError
     from loadtest.workload import LoadtestError
     from router.train import RouterDataError
     from server.model import UnsupportedModelError

@@ -45,7 +45,7 @@ class ModelArgs:
     max_position_embeddings: int
 
     @classmethod
-    def from_config(cls, cfg: PretrainedConfig) -> "ModelArgs":
+    def from_config(cls, cfg: PretrainedConfig) -> ModelArgs:
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(f"model_type {cfg.model_type!r} is not supported "
                                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -274,7 +274,7 @@ class TwinModel(nn.Module):
             out[name if name.startswith("lm_head.") else "model." + name] = buf
         return out
 
-    def fused(self, w: torch.Tensor) -> "TwinModel":
+    def fused(self, w: torch.Tensor) -> TwinModel:
         """Reference path: a new dense model with θ* + Σ_t w_t δ̂_t materialised (w: (T,))."""
         w = w.to(device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
         state = {}

@@ -16,7 +16,7 @@ class TwinOptions(BaseModel):
     temperature: float | None = Field(None, gt=0, le=100, description="router softmax temperature")
 
     @model_validator(mode="after")
-    def _one_override(self) -> "TwinOptions":
+    def _one_override(self) -> TwinOptions:
         if self.experts is not None and self.expert is not None:
             raise ValueError("give either twin.experts or twin.expert, not both")
         if self.experts is not None:
