@@ -75,9 +75,9 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         if not console.is_terminal:     # logs and CI: do not squeeze the tables into 80 columns
             console = Console(stderr=True, width=150)
     base = QUICK if quick else DEFAULTS
-    requests = requests or base["requests"]
+    requests = base["requests"] if requests is None else requests
     batch_sizes = batch_sizes or list(base["batch_sizes"])
-    max_tokens = max_tokens or base["max_tokens"]
+    max_tokens = base["max_tokens"] if max_tokens is None else max_tokens
     serial_requests = min(requests, serial_requests or base["serial_requests"])
     min_seconds = base["min_seconds"] if min_seconds is None else min_seconds
     if artifact is None and not synthetic:

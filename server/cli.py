@@ -108,6 +108,16 @@ def cmd_demo(args) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------
+def positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twinserve", description="Twin-Merging inference server: compress experts "
                                 "into a shared backbone + low-rank exclusive deltas, route per prompt, serve.")
@@ -122,14 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="recipe (YAML/JSON) -> artifact: merge, exclusive deltas, truncated SVD")
     b.add_argument("recipe", help="recipe file (see deploy/recipes/)")
     b.add_argument("-o", "--output", required=True, help="artifact directory (written atomically)")
-    b.add_argument("--rank", type=int, default=None, help="override the recipe's fixed rank")
+    b.add_argument("--rank", type=positive_int, default=None, help="override the recipe's fixed rank")
     b.set_defaults(fn=cmd_build)
 
     e = sub.add_parser("eval", help="quality table: experts, base, TA, TIES, DARE, Twin (oracle and router)")
     e.add_argument("artifact", help="artifact directory")
     e.add_argument("--tasks", default=None, help="task splits DIR/TASK/{validation,test}.jsonl "
                    "(default: tasks/ beside the artifact's base model)")
-    e.add_argument("--limit", type=int, default=None, help="at most this many prompts per task and split")
+    e.add_argument("--limit", type=positive_int, default=None, help="at most this many prompts per task and split")
     e.add_argument("--methods", default=None, help="comma-separated subset of methods")
     e.add_argument("--no-write", action="store_true", help="do not write the results into report.json")
     e.add_argument("--json", action="store_true", help="also print the quality section as JSON on stdout")

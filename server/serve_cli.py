@@ -12,8 +12,16 @@ def cmd_serve(args) -> int:
     from compression.artifact import verify_artifact
 
     from .app import create_app
+    from pydantic import ValidationError
+
+    from .cli import UsageError
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])} (--{str(err['loc'][0]).replace('_', '-')} or "
+                             f"TWINSERVE_{str(err['loc'][0]).upper()}): {err['msg']}" for err in e.errors())
+        raise UsageError(f"invalid setting: {problems}") from None
     verify_artifact(settings.artifact)  # fail fast with a clear message, before uvicorn starts
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)

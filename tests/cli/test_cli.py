@@ -77,3 +77,12 @@ def test_example_recipes_validate(name):
     from compression.recipe import load_recipe
     recipe = load_recipe(Path(__file__).parents[2] / "deploy" / "recipes" / name)
     assert len(recipe.experts) == 3 and recipe.dtype == "bfloat16"
+
+
+def test_serve_rejects_bad_settings(capsys, tiny_artifact, monkeypatch):
+    monkeypatch.setenv("TWINSERVE_MAX_BATCH_SIZE", "0")
+    code, text = run(capsys, "serve", str(tiny_artifact), "--port", "8999")
+    assert code == 2 and "TWINSERVE_MAX_BATCH_SIZE" in text and "Traceback" not in text
+    monkeypatch.delenv("TWINSERVE_MAX_BATCH_SIZE")
+    code, text = run(capsys, "serve", str(tiny_artifact), "--port", "99999")
+    assert code == 2 and "--port" in text
