@@ -29,7 +29,8 @@ from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
 from .loading import LoadedArtifact
 from .metrics import Metrics
 from .model import TwinModel
-from .sampling import SamplingParams, find_stop, make_generator, safe_prefix_len, sample_rows
+from .sampling import (SamplingParams, detokenize_step, find_stop, make_generator, safe_prefix_len,
+                       sample_rows)
 from .settings import Settings
 
 log = logging.getLogger("twinserve.engine")
@@ -62,6 +63,8 @@ class Request:
     generated: list[int] = field(default_factory=list)
     sent: int = 0
     text: str = ""
+    prefix_offset: int = 0   # incremental detokenisation window: generated[prefix_offset:read_offset]
+    read_offset: int = 0     # is already in text and gives the next token its context
     next_token: int | None = None
     generator: torch.Generator | None = None
     first_token_at: float | None = None
@@ -327,18 +330,24 @@ class Engine:
             r.generated.append(tok)
             r.next_token = tok
             self.metrics.generation_tokens.inc()
-            r.text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+            self._detokenize(r)
             cut = find_stop(r.text, r.params.stop)
             if cut is not None:
                 r.text = r.text[:cut]
                 self._finish(r, "stop")
             elif len(r.generated) >= r.params.max_tokens or len(r.prompt_ids) + len(r.generated) >= self.max_len:
+                self._detokenize(r, final=True)
                 self._finish(r, "length")
             else:
                 safe = safe_prefix_len(r.text, r.params.stop)
                 if safe > r.sent:
                     r.emit("text", r.text[r.sent:safe])
                     r.sent = safe
+
+    def _detokenize(self, r: Request, final: bool = False) -> None:
+        delta, r.prefix_offset, r.read_offset = detokenize_step(self.tokenizer, r.generated, r.prefix_offset,
+                                                                r.read_offset, final)
+        r.text += delta
 
     # ---- leaving the batch ----------------------------------------------------------------------
     def _release(self, req: Request) -> None:

@@ -74,3 +74,19 @@ def safe_prefix_len(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return len(text) - hold
+
+
+def detokenize_step(tokenizer, ids: list[int], prefix_offset: int, read_offset: int,
+                    final: bool = False) -> tuple[str, int, int]:
+    """Text added by the newest tokens, decoding only ids[prefix_offset:] rather than the whole output.
+
+    ids[prefix_offset:read_offset] is already emitted and gives the new tokens their context, so
+    tokenizers that drop a leading space or merge bytes decode them correctly. Text that ends in an
+    incomplete UTF-8 sequence is held back until it completes, unless ``final``.
+    Returns (new text, new prefix_offset, new read_offset).
+    """
+    prefix = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
+    new = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)
+    if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+        return new[len(prefix):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
