@@ -29,8 +29,7 @@ from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
 from .loading import LoadedArtifact
 from .metrics import Metrics
 from .model import TwinModel
-from .sampling import (SamplingParams, detokenize_step, find_stop, make_generator, safe_prefix_len,
-                       sample_rows)
+from .sampling import SamplingParams, detokenize_step, find_stop, make_generator, safe_prefix_len, sample_rows
 from .settings import Settings
 
 log = logging.getLogger("twinserve.engine")
