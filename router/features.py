@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from server.model import TwinModel
-from server.offline import encode_prompts, right_pad
+from server.offline import encode_prompts, length_buckets, right_pad
 
 
 @torch.inference_mode()
@@ -18,15 +18,17 @@ def pooled_features(model: TwinModel, token_ids: list[list[int]], layer: int, pa
     if not 1 <= layer <= model.args.num_layers:
         raise ValueError(f"feature layer must be in 1..{model.args.num_layers}, got {layer}")
     device = model.embed_tokens.weight.device
-    feats = []
-    for i in range(0, len(token_ids), batch_size):
-        chunk = token_ids[i:i + batch_size]
+    out = torch.empty(len(token_ids), model.args.hidden_size)
+    groups = [g[i:i + batch_size] for g in length_buckets([len(t) for t in token_ids])
+              for i in range(0, len(g), batch_size)]
+    for idx in groups:
+        chunk = [token_ids[i] for i in idx]
         ids, pos, lengths = right_pad(chunk, pad_id, device)
         cache = model.new_cache(len(chunk), ids.shape[1], layers=layer)
         h = model(ids, pos, cache, torch.arange(len(chunk), device=device), None, num_layers=layer)  # (n, S, H)
         mask = (pos < lengths[:, None]).unsqueeze(-1).to(h.dtype)                                    # (n, S, 1)
-        feats.append(((h * mask).sum(1) / lengths[:, None].to(h.dtype)).float())
-    return torch.cat(feats)
+        out[idx] = ((h * mask).sum(1) / lengths[:, None].to(h.dtype)).float().cpu()
+    return out.to(device)
 
 
 def prompt_features(model: TwinModel, tokenizer, prompts: list[str], layer: int, batch_size: int = 256) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
 from .loading import LoadedArtifact
 from .metrics import Metrics
 from .model import TwinModel
+from .offline import length_buckets
 from .sampling import SamplingParams, detokenize_step, find_stop, make_generator, safe_prefix_len, sample_rows
 from .settings import Settings
 
@@ -294,6 +295,10 @@ class Engine:
         return torch.stack([r.w for r in reqs])
 
     def _prefill(self, reqs: list[Request]) -> None:
+        for group in length_buckets([len(r.prompt_ids) for r in reqs]):
+            self._prefill_group([reqs[i] for i in group])
+
+    def _prefill_group(self, reqs: list[Request]) -> None:
         model = self._model_for(reqs[0].w) if self.per_request else self.model
         n = max(len(r.prompt_ids) for r in reqs)
         pad = self.tokenizer.pad_token_id or 0
