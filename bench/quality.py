@@ -34,11 +34,11 @@ class EvalError(ValueError):
     pass
 
 
-def find_tasks_dir(art: LoadedArtifact, tasks: str | Path | None) -> Path:
+def find_tasks_dir(manifest: dict, tasks: str | Path | None) -> Path:
     if tasks is not None:
         p = Path(tasks)
     else:  # the demo zoo keeps tasks/ beside base/
-        p = Path(art.manifest["base"]).parent / "tasks"
+        p = Path(manifest["base"]).parent / "tasks"
     if not p.is_dir():
         raise EvalError(f"task splits not found at {p}; pass --tasks DIR (DIR/TASK/test.jsonl)")
     return p
@@ -85,7 +85,7 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
     t0 = time.perf_counter()
     art = load_artifact(path, device="cpu", dtype="float32")
     names = art.expert_names
-    tasks_dir = find_tasks_dir(art, tasks)
+    tasks_dir = find_tasks_dir(art.manifest, tasks)
     test = load_split(tasks_dir, names, "test", limit)
     val = load_split(tasks_dir, names, "validation", limit)
     m = art.manifest
@@ -233,7 +233,7 @@ def rank_sweep(path: str | Path, ranks: list[int], tasks: str | Path | None = No
     if "recipe" not in manifest:
         raise EvalError(f"{path}: manifest has no recipe; rebuild it with this version to sweep ranks")
     recipe = Recipe.model_validate(manifest["recipe"])
-    tasks = tasks or str(find_tasks_dir(load_artifact(path, device="cpu", dtype="float32"), None))
+    tasks = str(find_tasks_dir(manifest, tasks))  # checked once, before any rebuild
     rows = []
     quiet = Console(quiet=True)
     for r in ranks:

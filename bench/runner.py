@@ -341,7 +341,7 @@ def task_workload(art: LoadedArtifact, tasks: str | Path | None, n: int, n_warm:
     from server.offline import encode_prompt
     from zoo.tasks import read_jsonl
 
-    tasks_dir = find_tasks_dir(art, tasks)
+    tasks_dir = find_tasks_dir(art.manifest, tasks)
     rows = {}
     for name in art.expert_names:
         f = tasks_dir / name / "test.jsonl"
