@@ -161,7 +161,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
 
 def _reusable(path: Path, spec: SyntheticSpec) -> bool:
     """A kept --synthetic-dir artifact of the same spec (checksums verified) is reused, not rebuilt."""
-    from compression.artifact import ArtifactError, verify_artifact
+    from twin.artifact import ArtifactError, verify_artifact
     try:
         return verify_artifact(path).get("synthetic") == spec.to_dict()
     except ArtifactError:

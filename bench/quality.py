@@ -15,11 +15,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compression.artifact import BACKBONE, EXCLUSIVE, read_report, update_artifact
+from twin.artifact import BACKBONE, EXCLUSIVE, read_report, update_artifact
 from compression.checkpoints import LazyState, load_model_state, open_expert
 from compression.merging import merge_params, merge_state
-from server.loading import LoadedArtifact, build_model, load_artifact
-from server.offline import greedy_generate
+from twin.loading import LoadedArtifact, build_model, load_artifact
+from twin.generate import greedy_generate
 from zoo.tasks import read_jsonl
 
 BASELINE_GRID = {
@@ -224,7 +224,7 @@ def rank_sweep(path: str | Path, ranks: list[int], tasks: str | Path | None = No
     """Rebuild the artifact's recipe at each rank (temp dirs) and score Twin with oracle routing."""
     import tempfile
 
-    from compression.artifact import verify_artifact
+    from twin.artifact import verify_artifact
     from compression.build import build_artifact
     from compression.recipe import Recipe
 

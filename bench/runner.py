@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from compression.fusion import LowRankDeltas
+from twin.fusion import LowRankDeltas
 from server.engine import Engine, Request, RoutingSpec
-from server.loading import LoadedArtifact, load_artifact
+from twin.loading import LoadedArtifact, load_artifact
 from server.metrics import Metrics
 from server.sampling import SamplingParams
 from server.settings import Settings
@@ -338,7 +338,7 @@ def task_workload(art: LoadedArtifact, tasks: str | Path | None, n: int, n_warm:
     Raises bench.quality.EvalError when there are no task splits.
     """
     from bench.quality import EvalError, find_tasks_dir
-    from server.offline import encode_prompt
+    from twin.generate import encode_prompt
     from zoo.tasks import read_jsonl
 
     tasks_dir = find_tasks_dir(art.manifest, tasks)

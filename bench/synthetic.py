@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
-from compression import __version__
-from compression.artifact import (
+from twin import __version__
+from twin.artifact import (
     BACKBONE,
     EXCLUSIVE,
     REPORT,
@@ -139,7 +139,7 @@ def _random_router(spec: SyntheticSpec, backbone: dict[str, torch.Tensor], confi
     """A random router MLP fitted just enough to give soft, prompt-dependent weights."""
     from router.features import pooled_features
     from router.model import RouterConfig, RouterMLP
-    from server.model import TwinModel
+    from twin.model import TwinModel
 
     torch.manual_seed(spec.seed + 7)
     mlp = RouterMLP(spec.hidden_size, spec.router_hidden, spec.num_experts)

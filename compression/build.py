@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from . import __version__
-from .artifact import BACKBONE, EXCLUSIVE, REPORT, atomic_dir, exclusive_key, finalize_manifest
+from twin import __version__
+from twin.artifact import BACKBONE, EXCLUSIVE, REPORT, atomic_dir, exclusive_key, finalize_manifest
 from .checkpoints import CheckpointError, LazyState, load_config, open_expert
 from .lowrank import truncated_svd
 from .merging import merge_params, merge_tensor

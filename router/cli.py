@@ -5,7 +5,7 @@ from rich.console import Console
 
 
 def cmd_train_router(args) -> int:
-    from server.loading import load_artifact
+    from twin.loading import load_artifact
 
     from .train import print_router_report, read_labelled, save_router, train_router
     console = Console(stderr=True)

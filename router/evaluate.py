@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from server.offline import encode_prompts, greedy_generate, right_pad
+from twin.generate import encode_prompts, greedy_generate, right_pad
 
 from .features import prompt_features
 from .model import Router, load_router

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from server.model import TwinModel
-from server.offline import encode_prompts, length_buckets, right_pad
+from twin.model import TwinModel
+from twin.generate import encode_prompts, length_buckets, right_pad
 
 
 @torch.inference_mode()

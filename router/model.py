@@ -123,7 +123,7 @@ def load_router(path, manifest: dict) -> Router | None:
     """The artifact's router, or None when it has none. Checksums are verified with the artifact."""
     from pathlib import Path
 
-    from compression.artifact import ROUTER, ArtifactError, load_tensors
+    from twin.artifact import ROUTER, ArtifactError, load_tensors
 
     section = manifest.get("router")
     if not section:

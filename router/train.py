@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save
 
-from compression.artifact import ROUTER, update_artifact
+from twin.artifact import ROUTER, update_artifact
 
 from .features import prompt_features
 from .model import FALLBACKS, Router, RouterConfig, RouterMLP
@@ -182,8 +182,8 @@ def print_router_report(report: dict, names: list[str], console: Console) -> Non
 
 def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None) -> None:
     """`make demo`: train the router from the zoo's router split unless the artifact already has one."""
-    from compression.artifact import verify_artifact
-    from server.loading import load_artifact
+    from twin.artifact import verify_artifact
+    from twin.loading import load_artifact
     from zoo.build import load_task_split
 
     console = console or Console(stderr=True)

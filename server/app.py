@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from compression import __version__
+from twin import __version__
 
 from .errors import APIError, InternalError
 from .settings import Settings
@@ -27,7 +27,7 @@ def load_state(app: FastAPI, settings: Settings) -> None:
     from router.model import load_router
 
     from .engine import Engine
-    from .loading import load_artifact
+    from twin.loading import load_artifact
     from .metrics import Metrics
     from .service import Service
 

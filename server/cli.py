@@ -18,12 +18,12 @@ class UsageError(ValueError):
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from bench.quality import EvalError
-    from compression.artifact import ArtifactError
+    from twin.artifact import ArtifactError
     from compression.checkpoints import CheckpointError
     from compression.recipe import RecipeError
     from loadtest.workload import LoadtestError
     from router.train import RouterDataError
-    from server.model import UnsupportedModelError
+    from twin.model import UnsupportedModelError
     return (ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
             RouterDataError, LoadtestError)
 
@@ -78,7 +78,7 @@ def _router_weights():
 
 def cmd_demo(args) -> int:
     """zoo (cached) -> artifact (cached) -> router -> eval."""
-    from compression.artifact import ArtifactError, read_report, verify_artifact
+    from twin.artifact import ArtifactError, read_report, verify_artifact
     from compression.build import build_artifact
     from compression.recipe import load_recipe
     from zoo.build import ZooSettings, build_zoo

@@ -26,10 +26,10 @@ from router.features import pooled_features
 from router.model import Router
 
 from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
-from .loading import LoadedArtifact
+from twin.loading import LoadedArtifact
 from .metrics import Metrics
-from .model import TwinModel
-from .offline import length_buckets
+from twin.model import TwinModel
+from twin.generate import length_buckets
 from .sampling import SamplingParams, detokenize_step, find_stop, make_generator, safe_prefix_len, sample_rows
 from .settings import Settings
 
@@ -97,8 +97,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.accepting = False
         self.ready = False
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = {eos} if eos is not None else set()
+        self.eos_ids = art.eos_token_ids
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:

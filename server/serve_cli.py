@@ -9,7 +9,7 @@ from .settings import Settings
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from compression.artifact import verify_artifact
+    from twin.artifact import verify_artifact
 
     from .app import create_app
     from pydantic import ValidationError

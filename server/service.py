@@ -9,7 +9,7 @@ import torch
 
 from .engine import Engine, Request, RoutingSpec
 from .errors import APIError, BadRequest, ContextLengthExceeded, NotFound
-from .offline import encode_prompt
+from twin.generate import encode_prompt
 from .protocol import ChatMessage, SamplingFields
 from .sampling import SamplingParams
 from .settings import Settings

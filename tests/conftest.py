@@ -41,8 +41,10 @@ def make_char_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>")
+    fast.add_bos_token = True  # Llama-style: the tokenizer itself prepends <bos>
+    return fast
 
 
 def save_char_tokenizer(out: str | Path):
@@ -218,7 +220,7 @@ def routed_artifact(tiny_artifact, tmp_path_factory) -> Path:
     from rich.console import Console
 
     from router.train import save_router, train_router
-    from server.loading import load_artifact
+    from twin.loading import load_artifact
 
     dst = tmp_path_factory.mktemp("artifacts") / "tiny"   # dir name = default model id "tiny"
     shutil.copytree(tiny_artifact, dst)

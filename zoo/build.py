@@ -18,7 +18,7 @@ from rich.table import Table
 from transformers import LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from compression.artifact import atomic_dir, make_readable
+from twin.artifact import atomic_dir, make_readable
 from compression.recipe import ExpertSpec, MergeSpec, RankPolicy, Recipe, dump_recipe
 
 from .tasks import SPLIT_SIZES, TASKS, make_splits, pretrain_example, read_jsonl, write_jsonl

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from compression.artifact import BACKBONE, EXCLUSIVE, REPORT, exclusive_key, read_report, verify_artifact
+from twin.artifact import BACKBONE, EXCLUSIVE, REPORT, exclusive_key, read_report, verify_artifact
 from compression.build import build_artifact, keeps_delta
 from compression.checkpoints import CheckpointError, LazyState, open_expert
 from compression.merging import merge_params, merge_state

@@ -7,7 +7,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_bf16_cuda_matches_fp32_cpu(tiny_artifact):
-    from server.loading import load_artifact
+    from twin.loading import load_artifact
     cpu = load_artifact(tiny_artifact, device="cpu", dtype="float32")
     gpu = load_artifact(tiny_artifact, device="cuda", dtype="auto")
     assert gpu.model.embed_tokens.weight.dtype == torch.bfloat16

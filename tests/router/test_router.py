@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from compression.artifact import ROUTER, ArtifactError, verify_artifact
+from twin.artifact import ROUTER, ArtifactError, verify_artifact
 from router.features import pooled_features, prompt_features
 from router.model import Router, apply_top_k, load_router
 from router.train import MIN_PER_TASK, RouterDataError, read_labelled, train_router
-from server.loading import load_artifact
-from server.offline import encode_prompts
+from twin.loading import load_artifact
+from twin.generate import encode_prompts
 from tests.conftest import (
     EXPERT_NAMES,
     ROUTER_TRAIN,

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from server.errors import InternalError
-from server.offline import encode_prompt
+from twin.generate import encode_prompt
 from tests.conftest import app_client, live_server, read_manifest_json
 
 from .helpers import (

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from compression.fusion import ExpertWeights, LowRankDeltas, delta_activations, materialize_weight
+from twin.fusion import ExpertWeights, LowRankDeltas, delta_activations, materialize_weight
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from compression import artifact as art
-from compression.artifact import (
+from twin import artifact as art
+from twin.artifact import (
     BACKBONE,
     EXCLUSIVE,
     FORMAT,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from compression.fusion import (
+from twin.fusion import (
     LowRankDeltas,
     active_experts,
     delta_activations,
@@ -173,8 +173,8 @@ def test_to_changes_dtype_and_keeps_idx_long():
 @pytest.mark.parametrize("x_shape", [(6, 5, 24), (6, 24)])
 def test_grouped_sparse_path_equals_dense(x_shape):
     """Top-k weights take the per-expert row-grouped path; it must equal the concatenated path."""
-    from compression import fusion
-    from compression.fusion import ExpertWeights
+    from twin import fusion
+    from twin.fusion import ExpertWeights
 
     g = torch.Generator().manual_seed(3)
     ranks = [4, 0, 3, 5, 2]

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .model import TwinModel
+from twin.model import TwinModel
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids with <bos> first when the tokenizer has one (and the text does not already start with it)."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
+    """Token ids exactly as the tokenizer encodes ``text`` (its own post-processor decides about <bos>).
+
+    A Llama-style tokenizer prepends <bos>; a GPT-2-style one defines <bos> but does not add it, and
+    transformers' forward then never sees it either, so neither does twinserve.
+    """
+    return tokenizer.encode(text, add_special_tokens=True)
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:

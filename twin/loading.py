@@ -1,15 +1,16 @@
 """Artifact -> TwinModel + tokenizer on the chosen device and dtype."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from compression.artifact import BACKBONE, load_exclusive, load_tensors, read_manifest, verify_artifact
+from twin.artifact import BACKBONE, load_exclusive, load_tensors, read_manifest, verify_artifact
 
-from .model import TwinModel
+from twin.model import TwinModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,6 +22,20 @@ class LoadedArtifact:
     config: PretrainedConfig
     model: TwinModel
     tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end generation: generation_config.json's eos_token_id (int or list), as
+        transformers' ``generate`` uses them, plus the tokenizer's eos."""
+        ids: set[int] = set()
+        for where in (self.path / "generation_config.json", self.path / "tokenizer" / "generation_config.json"):
+            if where.is_file():
+                eos = json.loads(where.read_text()).get("eos_token_id")
+                ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+                break
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
 
     @property
     def expert_names(self) -> list[str]:

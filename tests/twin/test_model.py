@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, LlamaForCausalLM
 
-from compression.artifact import BACKBONE, EXCLUSIVE, exclusive_key, read_manifest
-from server.loading import config_from_manifest, load_artifact
-from server.model import TwinModel, UnsupportedModelError
+from twin.artifact import BACKBONE, EXCLUSIVE, exclusive_key, read_manifest
+from twin.loading import config_from_manifest, load_artifact
+from twin.model import TwinModel, UnsupportedModelError
 from tests.conftest import make_tiny_model
 
 TOL = 1e-4
