@@ -58,11 +58,20 @@ class RankPolicy(_Strict):
         return self
 
 
+class CompressSpec(_Strict):
+    """Size of the exclusive modules: a global byte budget spread over tensors by singular-value energy
+    (replaces the per-tensor rank; rank.max_rank still caps it) and the storage of the B, A factors."""
+    budget: float | None = Field(None, gt=0.0, le=1.0, description="exclusive bytes / dense expert bytes")
+    factor_dtype: Literal["float32", "bfloat16", "float16", "int8"] | None = Field(
+        None, description="factor storage (int8: one fp32 scale per rank component); default: the artifact dtype")
+
+
 class Recipe(_Strict):
     base: str = Field(min_length=1, description="base model dir (HF format)")
     experts: list[ExpertSpec] = Field(min_length=1)
     merge: MergeSpec = MergeSpec()
     rank: RankPolicy = RankPolicy()
+    compress: CompressSpec = CompressSpec()
     dtype: DType = "float32"
     tokenizer: str | None = Field(None, description="tokenizer dir; default: the base dir")
 
