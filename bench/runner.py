@@ -98,13 +98,16 @@ class RunResult:
 # ---- artifacts --------------------------------------------------------------------------------------
 def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = True) -> LoadedArtifact:
     """As ``server.app.load_state`` loads it on CPU/fp32 (backbone mode: ``with_experts=False``)."""
-    return load_artifact(path, device="cpu", dtype="float32", verify=verify, with_experts=with_experts)
+    from compression.experts import read_expert_state
+
+    return load_artifact(path, device="cpu", dtype="float32", verify=verify, with_experts=with_experts,
+                         expert_reader=read_expert_state)
 
 
 def expert_sources_available(art: LoadedArtifact) -> tuple[bool, str]:
     """Whether expert mode can run: every expert's source checkpoint and the base exist, and memory allows."""
-    base = art.manifest.get("base")
-    sources = [e.get("source") for e in art.manifest["experts"]]
+    base = art.manifest.base
+    sources = [e.source for e in art.manifest.experts]
     if not base or any(not s for s in sources):
         return False, "no expert source checkpoints recorded in the manifest (e.g. a synthetic artifact)"
     missing = [s for s in [base, *sources] if not Path(s).is_dir()]
@@ -368,7 +371,7 @@ def random_workload(art: LoadedArtifact, n: int, n_warm: int, seed: int = 0, min
     from bench.synthetic import random_token_prompts
 
     # ids the tokenizer knows, except for synthetic artifacts (their char tokenizer is smaller than the vocab)
-    vocab = art.model.args.vocab_size if art.manifest.get("synthetic") else min(len(art.tokenizer),
+    vocab = art.model.args.vocab_size if art.manifest.synthetic else min(len(art.tokenizer),
                                                                                 art.model.args.vocab_size)
     bos = art.tokenizer.bos_token_id
     names = art.expert_names
@@ -428,7 +431,7 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
     bb = load_bench_artifact(path, with_experts=False, verify=False) if "backbone" in modes else None
     router = load_router(full.path, full.manifest)
     n_warm = max(batch_sizes + [2])
-    if full.manifest.get("synthetic") or (tasks is None and not full.manifest.get("base")):
+    if full.manifest.synthetic or (tasks is None and not full.manifest.base):
         workload = random_workload(full, requests, n_warm)
     else:
         try:

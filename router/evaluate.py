@@ -45,7 +45,7 @@ def cost_fraction_of_prefill(art, router: Router, prompts: list[str], repeats: i
     model = art.model
     ids = encode_prompts(art.tokenizer, prompts)
     pad = art.tokenizer.pad_token_id or 0
-    tok, pos, lengths = right_pad(ids, pad, model.embed_tokens.weight.device)
+    tok, pos, lengths = right_pad(ids, pad, model.device)
     slots = torch.arange(len(ids))
     w = torch.full((len(ids), model.num_experts), 1.0 / max(1, model.num_experts))
 

@@ -17,7 +17,7 @@ def pooled_features(model: TwinModel, token_ids: list[list[int]], layer: int, pa
     """token_ids: N prompts (with <bos>) -> (N, H) fp32 features; padding never enters the mean."""
     if not 1 <= layer <= model.args.num_layers:
         raise ValueError(f"feature layer must be in 1..{model.args.num_layers}, got {layer}")
-    device = model.embed_tokens.weight.device
+    device = model.device
     out = torch.empty(len(token_ids), model.args.hidden_size)
     groups = [g[i:i + batch_size] for g in length_buckets([len(t) for t in token_ids])
               for i in range(0, len(g), batch_size)]

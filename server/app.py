@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from twin import __version__
 
@@ -33,8 +34,11 @@ def load_state(app: FastAPI, settings: Settings) -> None:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    from compression.experts import read_expert_state
+
     art = load_artifact(settings.artifact, device=settings.device, dtype=settings.dtype,
-                        verify=settings.verify_artifact, with_experts=settings.mode != "backbone")
+                        verify=settings.verify_artifact, with_experts=settings.mode != "backbone",
+                        backend=settings.backend, expert_reader=read_expert_state)
     router = load_router(art.path, art.manifest)
     name = settings.model_name or Path(settings.artifact).resolve().name
     metrics = Metrics(art.expert_names, settings.mode, name)
@@ -43,6 +47,46 @@ def load_state(app: FastAPI, settings: Settings) -> None:
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.service = Service(engine, settings, name)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _field_path(loc) -> list[str]:
+    """A pydantic error location as the client's field path: no "body", no union-member tags such as
+    "list[int]" or "function-after[...]" (``prompt.list[int].3`` -> ``prompt.3``)."""
+    return [str(x) for x in loc if x not in ("body", "query", "path", "header")
+            and not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))]
+
+
+class CountRequests:
+    """Pure ASGI middleware counting requests by route and status.
+
+    Unlike ``@app.middleware("http")`` it passes ``receive`` through untouched, so a handler's
+    ``request.is_disconnected()`` sees the client go away and a non-streaming request is cancelled.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            if metrics is not None:
+                route = scope.get("route")
+                metrics.requests.labels(getattr(route, "path", "unmatched"), str(status[0])).inc()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,10 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
-        param = ".".join(loc) or None
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                        for e in errs[:5])
+        param = ".".join(_field_path(first.get("loc", ()))) or None
+        msg = "; ".join(f"{'.'.join(_field_path(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errs[:5])
         return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param,
                                        "code": "invalid_value"}}, status_code=400)
 
@@ -88,15 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(InternalError(f"internal error ({type(exc).__name__})").body(), status_code=500)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        metrics = getattr(request.app.state, "metrics", None)
-        route = request.scope.get("route")
-        if metrics is not None:
-            endpoint = getattr(route, "path", "unmatched")
-            metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests)
 
     from .routes import router
     app.include_router(router)

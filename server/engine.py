@@ -8,6 +8,8 @@ stays free for HTTP) does, in order:
      and sample their first token;
   3. one decode step over the rows that were already running, each row with its own w.
 Admitted rows join the decode batch at the next step; finished rows leave at once.
+Events a request receives, in order: ("routing", dict), ("prompt_logprobs", list) when it asked for
+them, ("text", (str, [TokenLogprob])) per emitted piece, then ("done", dict) or ("error", APIError).
 Modes `materialize` and `expert` fuse a dense model per request (LRU cache) and run batch 1.
 """
 from __future__ import annotations
@@ -30,20 +32,24 @@ from twin.loading import LoadedArtifact
 from .metrics import Metrics
 from twin.model import TwinModel
 from twin.generate import length_buckets
-from .sampling import SamplingParams, detokenize_step, find_stop, make_generator, safe_prefix_len, sample_rows
+from .sampling import (
+    SamplingParams,
+    TokenLogprob,
+    detokenize_step,
+    find_stop,
+    make_generator,
+    prompt_logprobs,
+    safe_prefix_len,
+    sample_rows,
+)
 from .settings import Settings
+from .specs import RoutingSpec
+
+__all__ = ["Engine", "Request", "RoutingSpec", "SamplingParams"]
 
 log = logging.getLogger("twinserve.engine")
 _ids = itertools.count()
 DEFAULT_MAX_LEN = 2048
-
-
-@dataclass
-class RoutingSpec:
-    """Explicit weights from the request, or router options (None = router with its defaults)."""
-    weights: torch.Tensor | None = None   # (T,)
-    top_k: int | None = None
-    temperature: float | None = None
 
 
 @dataclass(eq=False)  # identity: `in`/remove on running lists must never compare fields (tensors inside)
@@ -66,6 +72,7 @@ class Request:
     prefix_offset: int = 0   # incremental detokenisation window: generated[prefix_offset:read_offset]
     read_offset: int = 0     # is already in text and gives the next token its context
     next_token: int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # not yet emitted (params.logprobs set)
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     admitted_at: float | None = None
@@ -82,7 +89,7 @@ class Engine:
         self.tokenizer = art.tokenizer
         self.names = art.expert_names
         self.mode = settings.mode
-        self.device = self.model.embed_tokens.weight.device
+        self.device = self.model.device
         self.per_request = self.mode in ("materialize", "expert")
         self.max_batch = 1 if self.per_request else settings.max_batch_size
         ctx = art.config.max_position_embeddings
@@ -244,7 +251,7 @@ class Engine:
                     info[r.id] = {"top_expert": None, "entropy": 0.0, "fallback": False, "router_ms": 0.0,
                                   "source": "backbone"}
                 elif r.routing.weights is not None:
-                    r.w = r.routing.weights.to(self.device)
+                    r.w = torch.as_tensor(r.routing.weights, dtype=torch.float32).to(self.device)
                     info[r.id] = {"top_expert": self.names[int(r.w.argmax())] if float(r.w.sum()) > 0 else None,
                                   "entropy": _entropy(r.w), "fallback": False, "router_ms": 0.0, "source": "request"}
                 else:  # no router in the artifact: uniform weights
@@ -305,7 +312,16 @@ class Engine:
         pos = torch.arange(n, device=self.device).expand(len(reqs), n).contiguous()
         lengths = torch.tensor([len(r.prompt_ids) for r in reqs], device=self.device)
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        logits = model(ids, pos, self.cache, slots, self._weights(reqs), logits_at=lengths - 1)
+        if any(r.params.prompt_logprobs is not None for r in reqs):
+            # echo with logprobs: the logits at every prompt position, only for groups that ask
+            full = model(ids, pos, self.cache, slots, self._weights(reqs))                  # (N, S, V)
+            logits = full[torch.arange(len(reqs), device=self.device), lengths - 1]         # (N, V)
+            for i, r in enumerate(reqs):
+                if r.params.prompt_logprobs is not None:
+                    r.emit("prompt_logprobs", prompt_logprobs(full[i], r.prompt_ids, r.params.prompt_logprobs))
+            del full
+        else:
+            logits = model(ids, pos, self.cache, slots, self._weights(reqs), logits_at=lengths - 1)
         for r in reqs:
             r.model = model
             r.generator = make_generator(r.params, self.device)
@@ -321,15 +337,23 @@ class Engine:
         self._accept(reqs, logits)
 
     def _accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        tokens = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        tokens, records = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                                      [r.generated for r in reqs])
         now = time.perf_counter()
-        for r, tok in zip(reqs, tokens):
+        for r, tok, rec in zip(reqs, tokens, records):
             if r.first_token_at is None:
                 r.first_token_at = now
                 self.metrics.ttft.observe(now - r.arrival)
             if tok in self.eos_ids and not r.params.ignore_eos:
+                self._detokenize(r, final=True)   # held-back bytes of a partial character are output too
+                if rec is not None:  # the eos token is reported (clients such as lm-eval count on it)
+                    rec.offset = len(r.text)
+                    r.logprobs.append(rec)
                 self._finish(r, "stop")
                 continue
+            if rec is not None:
+                rec.offset = len(r.text)
+                r.logprobs.append(rec)
             r.generated.append(tok)
             r.next_token = tok
             self.metrics.generation_tokens.inc()
@@ -344,8 +368,16 @@ class Engine:
             else:
                 safe = safe_prefix_len(r.text, r.params.stop)
                 if safe > r.sent:
-                    r.emit("text", r.text[r.sent:safe])
-                    r.sent = safe
+                    self._emit_text(r, safe)
+
+    def _emit_text(self, r: Request, upto: int) -> None:
+        """Send text[sent:upto] with the logprobs of the tokens that starts before ``upto``."""
+        n = sum(1 for rec in r.logprobs if rec.offset is not None and rec.offset < upto)
+        if upto == len(r.text):
+            n = len(r.logprobs)
+        r.emit("text", (r.text[r.sent:upto], r.logprobs[:n]))
+        r.logprobs = r.logprobs[n:]
+        r.sent = upto
 
     def _detokenize(self, r: Request, final: bool = False) -> None:
         delta, r.prefix_offset, r.read_offset = detokenize_step(self.tokenizer, r.generated, r.prefix_offset,
@@ -367,9 +399,8 @@ class Engine:
         self.metrics.finished.labels(reason).inc()
         if reason == "cancelled":
             return
-        if len(req.text) > req.sent:
-            req.emit("text", req.text[req.sent:])
-            req.sent = len(req.text)
+        if len(req.text) > req.sent or req.logprobs:
+            self._emit_text(req, len(req.text))
         e2e = now - req.arrival
         self.metrics.e2e.observe(e2e)
         n = len(req.generated)

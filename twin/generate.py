@@ -32,7 +32,7 @@ def right_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 def greedy_generate(model: TwinModel, tokenizer, prompts: list[str], w: torch.Tensor | None = None,
                     max_new_tokens: int = 24, batch_size: int = 256, stop_ids: set[int] | None = None) -> list[str]:
     """Greedy continuations, cut at <eos> or newline and stripped. w: (N, T) per-prompt expert weights."""
-    device = model.embed_tokens.weight.device
+    device = model.device
     eos = tokenizer.eos_token_id
     newline = tokenizer.encode("\n", add_special_tokens=False)
     stops = set(stop_ids or ()) | {eos} | set(newline[-1:])

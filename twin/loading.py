@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from twin.artifact import BACKBONE, load_exclusive, load_tensors, read_manifest, verify_artifact
-
-from twin.model import TwinModel
+from twin.manifest import Manifest
+from twin.model import BACKENDS, TwinModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,10 +20,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class LoadedArtifact:
     path: Path
-    manifest: dict
+    manifest: Manifest
     config: PretrainedConfig
     model: TwinModel
     tokenizer: PreTrainedTokenizerBase
+    # (manifest, t) -> expert t's full state under HF names; supplied by the caller (mode `expert`)
+    expert_reader: Callable[[Any, int], dict[str, torch.Tensor]] | None = None
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -39,18 +43,19 @@ class LoadedArtifact:
 
     @property
     def expert_names(self) -> list[str]:
-        return [e["name"] for e in self.manifest["experts"]]
+        return self.manifest.expert_names
 
     def expert_model(self, t: int) -> TwinModel:
-        """Dense expert t from its source dir in the manifest (mode `expert`), on the backbone's device/dtype."""
-        from compression.checkpoints import LazyState, open_expert
-        base, ref = LazyState(self.manifest["base"]), self.model.embed_tokens.weight
-        expert = open_expert(self.manifest["experts"][t]["source"], base)
-        return TwinModel(self.config, {k: expert.get(k).to(ref.device, ref.dtype) for k in base.keys()}).eval()
+        """Dense expert t (mode `expert`) on the backbone's device/dtype, read by ``expert_reader``."""
+        if self.expert_reader is None:
+            raise ValueError("this artifact was loaded without an expert reader; mode `expert` needs one")
+        state = self.expert_reader(self.manifest, t)
+        model = self.model
+        return type(model)(self.config, {k: v.to(model.device, model.dtype) for k, v in state.items()}).eval()
 
 
-def config_from_manifest(manifest: dict) -> PretrainedConfig:
-    cfg = dict(manifest["config"])
+def config_from_manifest(manifest: Manifest) -> PretrainedConfig:
+    cfg = dict(manifest.config)
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
@@ -66,25 +71,29 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build_model(config: PretrainedConfig, state: dict, manifest: dict | None, device, dtype,
-                with_experts: bool = True, path: Path | None = None) -> TwinModel:
-    model = TwinModel(config, {k: v.to(device=device, dtype=dtype) for k, v in state.items()})
+def build_model(config: PretrainedConfig, state: dict, manifest: Manifest | None, device, dtype,
+                with_experts: bool = True, path: Path | None = None, backend: str = "transformers") -> TwinModel:
+    """θ* (+ the artifact's exclusive deltas) in the chosen backend (twin.model.BACKENDS) on device/dtype."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    model = BACKENDS[backend](config, {k: v.to(device=device, dtype=dtype) for k, v in state.items()})
     if with_experts and manifest is not None and path is not None:
         lowrank, dense = load_exclusive(path, manifest)
-        model.attach_deltas([e["name"] for e in manifest["experts"]],
+        model.attach_deltas(manifest.expert_names,
                             {k: d.to(device, dtype) for k, d in lowrank.items()},
                             {k: d.to(device=device, dtype=dtype) for k, d in dense.items()})
     return model.eval()
 
 
 def load_artifact(path: str | Path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                  with_experts: bool = True) -> LoadedArtifact:
+                  with_experts: bool = True, backend: str = "transformers",
+                  expert_reader: Callable | None = None) -> LoadedArtifact:
     """Verify (checksums) and load an artifact. Raises ArtifactError naming the bad file."""
     path = Path(path)
     manifest = verify_artifact(path) if verify else read_manifest(path)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     config = config_from_manifest(manifest)
-    model = build_model(config, load_tensors(path, BACKBONE), manifest, dev, dt, with_experts, path)
+    model = build_model(config, load_tensors(path, BACKBONE), manifest, dev, dt, with_experts, path, backend)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-    return LoadedArtifact(path, manifest, config, model, tokenizer)
+    return LoadedArtifact(path, manifest, config, model, tokenizer, expert_reader)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, LlamaForCausalLM
+from transformers import GPT2Config, LlamaForCausalLM, MistralConfig
 
 from twin.artifact import BACKBONE, EXCLUSIVE, exclusive_key, read_manifest
 from twin.loading import config_from_manifest, load_artifact
-from twin.model import TwinModel, UnsupportedModelError
+from twin.model import NativeTwinModel, TwinModel, UnsupportedModelError, check_supported
 from tests.conftest import make_tiny_model
 
 TOL = 1e-4
@@ -59,9 +59,15 @@ def test_logits_match_transformers(arch, tied):
 
 
 def test_unsupported_model_type_is_rejected():
-    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=37)
-    with pytest.raises(UnsupportedModelError, match="gpt2"):
-        TwinModel(cfg, {})
+    """Encoder-decoders and model classes without transformers' attention hooks are refused by name."""
+    from transformers import T5Config
+
+    with pytest.raises(UnsupportedModelError, match="'t5'.*encoder-decoder.*supported: llama"):
+        check_supported(T5Config(d_model=32, num_layers=1, num_heads=4, vocab_size=37))
+    check_supported(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=37))   # served since the backend swap
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        NativeTwinModel(MistralConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                      sliding_window=4), {})
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -148,9 +154,10 @@ def materialised_state(artifact, w: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_artifact_has_deltas_for_every_kind_of_layer(art):
     m = art.model
     assert m.num_experts == 3
-    assert m.layers[0].self_attn.q_proj.deltas is not None and m.layers[0].self_attn.q_proj.deltas.rank > 0
-    assert m.embed_tokens.deltas is not None and m.lm_head.deltas is not None
-    assert m.layers[0].input_layernorm.deltas is not None and m.norm.deltas is not None
+    layers = m.twin_layers()
+    assert layers["model.layers.0.self_attn.q_proj"].deltas.rank > 0
+    assert layers["model.embed_tokens"].deltas is not None and layers["lm_head"].deltas is not None
+    assert layers["model.layers.0.input_layernorm"].deltas is not None and layers["model.norm"].deltas is not None
 
 
 def test_rows_really_differ(batched):

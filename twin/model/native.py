@@ -26,8 +26,7 @@ from twin.fusion import ExpertWeights, LowRankDeltas, delta_activations, materia
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-class UnsupportedModelError(ValueError):
-    pass
+from twin.model.hf import UnsupportedModelError
 
 
 @dataclass
@@ -49,6 +48,17 @@ class ModelArgs:
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(f"model_type {cfg.model_type!r} is not supported "
                                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        refuse = {
+            "sliding_window": getattr(cfg, "sliding_window", None) is not None
+            and (cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)),
+            "mlp_bias": bool(getattr(cfg, "mlp_bias", False)),
+            "attention_bias (o_proj)": cfg.model_type == "llama" and bool(getattr(cfg, "attention_bias", False)),
+            f"hidden_act={getattr(cfg, 'hidden_act', None)!r}": getattr(cfg, "hidden_act", "silu") != "silu",
+        }
+        bad = [k for k, v in refuse.items() if v]
+        if bad:
+            raise UnsupportedModelError(f"the native backend does not implement {', '.join(bad)} of this "
+                                        f"{cfg.model_type} config; use the transformers backend")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(
             vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -183,7 +193,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x, w), w)
 
 
-class TwinModel(nn.Module):
+class NativeTwinModel(nn.Module):
     """θ* + routed exclusive deltas. Module names mirror the HF checkpoint names (model.layers.0.mlp.up_proj)."""
 
     def __init__(self, config: PretrainedConfig, state: dict[str, torch.Tensor]):
@@ -208,6 +218,14 @@ class TwinModel(nn.Module):
         self.rotary = LlamaRotaryEmbedding(config=config)
         self.num_experts = 0
         self.expert_names: list[str] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
 
     # ---- names -> modules, for loading deltas ----------------------------------------------------
     def module_for(self, param: str) -> tuple[nn.Module, str]:
@@ -274,7 +292,7 @@ class TwinModel(nn.Module):
             out[name if name.startswith("lm_head.") else "model." + name] = buf
         return out
 
-    def fused(self, w: torch.Tensor) -> TwinModel:
+    def fused(self, w: torch.Tensor) -> NativeTwinModel:
         """Reference path: a new dense model with θ* + Σ_t w_t δ̂_t materialised (w: (T,))."""
         w = w.to(device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
         state = {}
@@ -289,7 +307,7 @@ class TwinModel(nn.Module):
             state[key] = t
         if not self.tied and self.lm_head.deltas is not None and self.lm_head.deltas.rank:
             state["lm_head.weight"] = materialize_weight(self.lm_head.weight, self.lm_head.deltas, w)
-        return TwinModel(self.config, state).eval()
+        return NativeTwinModel(self.config, state).eval()
 
     def new_cache(self, slots: int, max_seq: int, layers: int | None = None) -> KVCache:
         """``layers`` < num_layers makes a cache for a truncated pass (router features)."""

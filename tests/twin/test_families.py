@@ -1,0 +1,120 @@
+"""Family matrix: every architecture the transformers backend serves, against transformers itself.
+
+For each family (tests/twin/families.py) a tiny base and two full fine-tune experts are built into an
+artifact at full rank with fp32 factors, then:
+  - the served model pinned to expert t equals transformers' forward of θ_t (and of the materialised
+    θ* + δ̂_t) to 1e-4, on a prompt longer than every sliding window;
+  - a mixed batch (rows pinned to different experts or to θ*, different prompt lengths, a decode step
+    after the prefill) gives each row exactly what it gets alone;
+  - greedy text over HTTP equals transformers' ``generate`` of the expert.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import app_client, build_tiny_artifact
+from tests.twin.families import FAMILIES, load_hf, save_family
+from twin.loading import load_artifact
+
+TOL = 1e-4
+FULL_RANK = {"merge": {"method": "task_arithmetic", "lam": 0.5}, "rank": {"rank": 64}}
+PROMPTS = ["add two and three, then five", "jim hikes", "purr ok"]   # 29, 10, 8 tokens with <bos>
+
+
+@pytest.fixture(scope="module")
+def family_artifacts(tmp_path_factory):
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(family)
+            base, experts = save_family(family, root)
+            art_dir = build_tiny_artifact(base, experts, root / "tiny", **FULL_RANK)
+            cache[family] = (art_dir, experts, load_artifact(art_dir, device="cpu", dtype="float32"))
+        return cache[family]
+    return get
+
+
+def run(model, seqs: list[list[int]], w: torch.Tensor | None) -> list[torch.Tensor]:
+    """Prefill right-padded rows with per-row w, then one decode step of token 5: per row (len+1, V) logits."""
+    n, s = len(seqs), max(len(x) for x in seqs)
+    ids = torch.tensor([x + [0] * (s - len(x)) for x in seqs])
+    pos = torch.arange(s).expand(n, s).contiguous()
+    cache, slots = model.new_cache(n + 1, s + 2), torch.arange(1, n + 1)     # not slot 0: slots are indices
+    with torch.inference_mode():
+        pre = model(ids, pos, cache, slots, w)
+        lengths = torch.tensor([len(x) for x in seqs])
+        dec = model(torch.full((n, 1), 5), lengths[:, None], cache, slots, w)[:, 0]
+    return [torch.cat([pre[i, :len(x)], dec[i:i + 1]]) for i, x in enumerate(seqs)]
+
+
+def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf(torch.tensor([ids + [5]])).logits[0]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pinned_expert_equals_transformers(family, family_artifacts):
+    art_dir, experts, art = family_artifacts(family)
+    tok = art.tokenizer
+    ids = tok.encode(PROMPTS[0])
+    assert len(ids) > 2 * 6, "the prompt must be longer than the sliding window"
+    T = len(art.expert_names)
+    for t, name in enumerate(art.expert_names):
+        w = torch.zeros(1, T)
+        w[0, t] = 1.0
+        got = run(art.model, [ids], w)[0]
+        ref = hf_logits(load_hf(experts[name]), ids)
+        assert got.shape == ref.shape
+        assert float(ref.std()) > 1e-2
+        diff = float((got - ref).abs().max())
+        assert diff <= TOL, f"{family} expert {name}: max |Δlogit| {diff:.2e} against transformers"
+        # the materialised reference θ* + δ̂_t in transformers' own class, through the fused path
+        fused = art.model.fused(w[0])
+        assert float((run(fused, [ids], None)[0] - got).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_backbone_equals_transformers(family, family_artifacts, tmp_path):
+    from safetensors.torch import save_file
+
+    art_dir, _, art = family_artifacts(family)
+    ids = art.tokenizer.encode(PROMPTS[1])
+    state = art.model.backbone_state()
+    (tmp_path / "bb").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "bb" / "model.safetensors"),
+              metadata={"format": "pt"})
+    art.config.save_pretrained(str(tmp_path / "bb"))
+    ref = hf_logits(load_hf(tmp_path / "bb"), ids)
+    assert float((run(art.model, [ids], None)[0] - ref).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mixed_batch_rows_equal_alone(family, family_artifacts):
+    _, _, art = family_artifacts(family)
+    seqs = [art.tokenizer.encode(p) for p in PROMPTS]
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
+    together = run(art.model, seqs, w)
+    for i, s in enumerate(seqs):
+        alone = run(art.model, [s], w[i:i + 1])[0]
+        assert float((together[i] - alone).abs().max()) <= TOL, f"{family} row {i}"
+    backbone_row = run(art.model, seqs[:1], torch.zeros(1, 2))[0]
+    assert float((backbone_row - run(art.model, seqs[:1], None)[0]).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "mistral-sliding", "gemma2", "gpt2"])
+def test_greedy_http_equals_transformers_generate(family, family_artifacts):
+    art_dir, experts, art = family_artifacts(family)
+    prompt = PROMPTS[0]
+    ids = art.tokenizer.encode(prompt)
+    hf = load_hf(experts["e1"])
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                          eos_token_id=art.tokenizer.eos_token_id, pad_token_id=0)
+    expected = art.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    with app_client(art_dir) as client:
+        r = client.post("/v1/completions", json={"model": "tiny:e1", "prompt": prompt, "max_tokens": 10,
+                                                 "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected

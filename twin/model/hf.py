@@ -1,0 +1,477 @@
+"""Transformers backend: transformers' own model class for the config, with Twin layers injected.
+
+Serves any decoder-only causal LM that transformers implements with its attention-backend hooks
+(Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, GPT-2, ...). As PEFT injects LoRA layers, every
+module that carries exclusive knowledge is wrapped in place:
+
+    TwinLinear:    y = base(x) + B_cat((A_cat x) ⊙ w[:, idx]) + w @ Δb       (nn.Linear, GPT-2 Conv1D)
+    TwinEmbedding: e = base(tok) + s · (B_cat[tok] ⊙ w[:, idx]) @ A_cat       (s: the class's embed scale)
+    TwinNorm:      the norm's own forward with a per-row gain g* + w @ Δg     (RMSNorm, Gemma's 1+g, LayerNorm)
+
+All of them read the batch's per-row weights w (N, T) from one `StepContext` per forward (the vLLM
+punica-wrapper idea), so a batch whose rows are routed to different experts shares one forward.
+Attention keeps transformers' code (rotary variants, q/k norms, biases, soft-capping, sliding windows);
+only the kernel is swapped, through transformers' `AttentionInterface`, for `twin_attention`, which
+writes keys/values into twinserve's slot cache at each row's own positions and attends with a per-row
+causal (and, where the layer asks for it, sliding-window) mask.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.modeling_utils import AttentionInterface
+from transformers.pytorch_utils import Conv1D
+
+from twin.fusion import ExpertWeights, LowRankDeltas, delta_activations, materialize_weight
+
+ATTN_IMPLEMENTATION = "twinserve"
+# checkpoint tensors that are buffers, not parameters: never part of θ*, never compared
+NON_PARAMETER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+
+
+class UnsupportedModelError(ValueError):
+    """The config's architecture (or one of its tensors) cannot be served exactly; the message says which."""
+
+
+# ---- architecture support ----------------------------------------------------------------------------
+def causal_lm_class(config: PretrainedConfig) -> type:
+    """transformers' causal-LM class for ``config``; UnsupportedModelError when it cannot be served exactly."""
+    mapping = AutoModelForCausalLM._model_mapping
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"model_type {model_type!r} is an encoder-decoder; twinserve serves decoder-only "
+                                    f"causal LMs ({supported_summary()})")
+    try:
+        cls = mapping[type(config)]
+    except KeyError:
+        raise UnsupportedModelError(f"model_type {model_type!r} has no causal-LM class in transformers "
+                                    f"({supported_summary()})") from None
+    if not getattr(cls, "_supports_attention_backend", False):
+        raise UnsupportedModelError(f"model_type {model_type!r} ({cls.__name__}) does not route attention through "
+                                    f"transformers' AttentionInterface, so its keys/values cannot go to twinserve's "
+                                    f"slot cache ({supported_summary()})")
+    return cls
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Raise UnsupportedModelError naming the model_type unless this backend can serve it (call before any merge)."""
+    causal_lm_class(config)
+
+
+def supported_model_types() -> list[str]:
+    out = []
+    for cfg_cls, cls in AutoModelForCausalLM._model_mapping.items():
+        if getattr(cls, "_supports_attention_backend", False) and not getattr(cfg_cls, "is_encoder_decoder", False):
+            out.append(cfg_cls.model_type)
+    return sorted(set(out))
+
+
+def supported_summary() -> str:
+    types = supported_model_types()
+    head = ", ".join(t for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
+                                 "gpt2") if t in types)
+    return f"supported: {head} and {len(types) - 9} more decoder-only model_types transformers implements"
+
+
+# ---- per-step state ----------------------------------------------------------------------------------
+class SlotCache:
+    """Keys/values per layer, one slot per running sequence: k[layer] is (slots, kv_heads, max_seq, head_dim).
+
+    Layers are allocated on their first write, with the shape and dtype of the keys that layer produces,
+    so architectures with unusual head layouts need no table here.
+    """
+
+    def __init__(self, num_layers: int, slots: int, max_seq: int, device=None, dtype=torch.float32):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.slots, self.max_seq, self.device, self.dtype = slots, max_seq, device, dtype
+
+    def layer(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[i] is None:
+            shape = (self.slots, like.shape[1], self.max_seq, like.shape[3])
+            self.k[i] = torch.zeros(shape, device=like.device, dtype=like.dtype)
+            self.v[i] = torch.zeros(shape, device=like.device, dtype=like.dtype)
+        return self.k[i], self.v[i]
+
+
+@dataclass
+class StepContext:
+    """What every Twin layer and the attention kernel read during one forward."""
+    w: ExpertWeights | None = None
+    cache: SlotCache | None = None
+    slots: torch.Tensor | None = None        # (N,) long
+    positions: torch.Tensor | None = None    # (N, S) long
+    length: int = 0                          # keys attended: positions.max() + 1
+    masks: dict | None = None                # sliding window (None = full) -> (N, 1, S, L) bool
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        m = self.masks.get(window)
+        if m is None:
+            key_pos = torch.arange(self.length, device=self.positions.device)[None, None, :]
+            q = self.positions[:, :, None]
+            m = key_pos <= q
+            if window is not None:
+                m = m & (key_pos > q - window)     # transformers' sliding_window_overlay
+            m = self.masks[window] = m.unsqueeze(1)
+        return m
+
+
+def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask=None, dropout: float = 0.0, scaling: float | None = None,
+                   sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """transformers attention kernel over the slot cache.
+
+    query (N, H, S, D) and key/value (N, Hkv, S, D) arrive after transformers' projections, norms and
+    rotary embedding. They are written at (slot, position) of each row, then every query attends to its
+    row's cached keys 0..position (within ``sliding_window`` keys when the layer has one). Returns
+    (N, S, H, D) as transformers' kernels do. ``attention_mask`` is ignored: the mask comes from the
+    per-row positions.
+    """
+    for name in ("s_aux", "sinks", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise UnsupportedModelError(f"{type(module).__name__} passes {name!r} to its attention kernel; "
+                                        f"twinserve's slot-cache attention does not implement it")
+    ctx: StepContext = module._twin_ctx
+    k_cache, v_cache = ctx.cache.layer(module.layer_idx, key)
+    slots = ctx.slots
+    k_cache[slots[:, None], :, ctx.positions] = key.transpose(1, 2)     # (N, S, Hkv, D) at each row's positions
+    v_cache[slots[:, None], :, ctx.positions] = value.transpose(1, 2)
+    keys = k_cache[slots, :, :ctx.length]                               # (N, Hkv, L, D)
+    values = v_cache[slots, :, :ctx.length]
+    mask = ctx.mask(sliding_window)                                     # (N, 1, S, L)
+    rep = query.shape[1] // keys.shape[1]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                             enable_gqa=rep > 1)
+    else:  # tanh soft-capping of the scores (Gemma 2): softmax in fp32 as transformers' eager kernel
+        if rep > 1:
+            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+        scores = (query @ keys.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ values
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, twin_attention)
+
+
+# ---- Twin layers --------------------------------------------------------------------------------------
+class TwinLinear(nn.Module):
+    """A linear layer (nn.Linear, or GPT-2's Conv1D with its (d_in, d_out) weight) plus routed deltas."""
+
+    def __init__(self, base: nn.Module, ctx: StepContext):
+        super().__init__()
+        self.base_layer = base
+        self.ctx = ctx
+        self.deltas: LowRankDeltas | None = None        # factors of δ_t as (d_out×R, R×d_in)
+        self.bias_deltas: torch.Tensor | None = None    # (T, d_out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        w = self.ctx.w
+        if w is None:
+            return y
+        if self.deltas is not None and self.deltas.rank:
+            y = y + delta_activations(x, self.deltas, w)
+        if self.bias_deltas is not None:
+            b = w.w @ self.bias_deltas                  # (N, d_out)
+            y = y + b.view(b.shape[0], *([1] * (y.ndim - 2)), b.shape[1])
+        return y
+
+
+class TwinEmbedding(nn.Module):
+    """An embedding (or a scaled one, as Gemma 3's) plus routed low-rank deltas of its table."""
+
+    def __init__(self, base: nn.Embedding, ctx: StepContext):
+        super().__init__()
+        self.base_layer = base
+        self.ctx = ctx
+        self.deltas: LowRankDeltas | None = None        # B_cat (V, R), A_cat (R, H)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.base_layer(tokens)                      # (N, S, H)
+        w = self.ctx.w
+        if w is None or self.deltas is None or not self.deltas.rank:
+            return e
+        d = (self.deltas.B_cat[tokens] * w.w[:, self.deltas.idx].unsqueeze(1)) @ self.deltas.A_cat
+        scale = getattr(self.base_layer, "embed_scale", None)
+        return e + (d * scale.to(d.dtype) if scale is not None else d)
+
+
+class TwinNorm(nn.Module):
+    """A norm whose gain (and bias) carry routed dense 1-D deltas: each row gets g* + w @ Δg.
+
+    RMSNorm-style classes use their weight elementwise (g·x̂, or Gemma's (1+g)·x̂), so their own forward
+    runs with the per-row gain (N, 1, …, H) in place of g; nn.LayerNorm normalises first, then applies
+    the per-row gain and bias.
+    """
+
+    def __init__(self, base: nn.Module, ctx: StepContext):
+        super().__init__()
+        self.base_layer = base
+        self.ctx = ctx
+        self.deltas: torch.Tensor | None = None          # (T, H)
+        self.bias_deltas: torch.Tensor | None = None     # (T, H)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.ctx.w
+        base = self.base_layer
+        if w is None or (self.deltas is None and self.bias_deltas is None):
+            return base(x)
+        shape = (x.shape[0], *([1] * (x.ndim - 2)), x.shape[-1])
+
+        def rows(p, d):
+            return p if d is None else (p + w.w @ d).view(shape)
+
+        if isinstance(base, nn.LayerNorm):
+            y = F.layer_norm(x, base.normalized_shape, None, None, base.eps)
+            y = y * rows(base.weight, self.deltas)
+            return y + rows(base.bias, self.bias_deltas) if base.bias is not None else y
+        saved = base._parameters["weight"]
+        base._parameters["weight"] = rows(saved, self.deltas)
+        try:
+            return base(x)
+        finally:
+            base._parameters["weight"] = saved
+
+
+def _is_rms_norm(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class ModelArgs:
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+
+
+# ---- the model ----------------------------------------------------------------------------------------
+class HFTwinModel(nn.Module):
+    """θ* in transformers' own model class, plus routed exclusive deltas. Parameter names are the HF names."""
+
+    def __init__(self, config: PretrainedConfig, state: dict[str, torch.Tensor]):
+        super().__init__()
+        cls = causal_lm_class(config)
+        config = copy.deepcopy(config)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        self.config = config
+        any_t = next(iter(state.values()))
+        from transformers.initialization import no_init_weights
+        with no_init_weights(), torch.device(any_t.device):
+            hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=any_t.dtype)
+        hf.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties the head
+        self.hf = hf.eval()
+        self._load_state(state)
+        self.ctx = StepContext()
+        for m in hf.modules():
+            if hasattr(m, "layer_idx") and "Attention" in type(m).__name__:
+                m._twin_ctx = self.ctx
+        self.base = hf.base_model
+        self.layers = next((m for m in self.base.children()
+                            if isinstance(m, nn.ModuleList) and len(m) == config.num_hidden_layers), None)
+        self.args = ModelArgs(config.num_hidden_layers, config.hidden_size, config.vocab_size)
+        self.num_experts = 0
+        self.expert_names: list[str] = []
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        hf = self.hf
+        params = dict(hf.named_parameters(remove_duplicate=False))
+        buffers = {n for n, _ in hf.named_buffers()}
+        emb = hf.get_input_embeddings()
+        head = hf.get_output_embeddings()
+        self.tied = head is not None and head.weight is emb.weight
+        self._embedding_name = next(n for n, p in params.items() if p is emb.weight)
+        load = {}
+        for name, t in state.items():
+            if name in params:
+                if tuple(t.shape) != tuple(params[name].shape):
+                    raise UnsupportedModelError(f"tensor {name} has shape {tuple(t.shape)} but the config's "
+                                                f"{type(hf).__name__} expects {tuple(params[name].shape)}")
+                load[name] = t
+            elif not (name in buffers or name.endswith(NON_PARAMETER_SUFFIXES)):
+                raise UnsupportedModelError(f"tensor {name} is not a parameter of {type(hf).__name__} "
+                                            f"for this config")
+        loaded = {id(params[n]) for n in load}
+        missing = [n for n in params if n not in load and id(params[n]) not in loaded]
+        if missing:
+            raise UnsupportedModelError(f"checkpoint has no tensor {missing[0]} ({len(missing)} missing)")
+        hf.load_state_dict(load, strict=False, assign=True)
+        if self.tied:  # assign=True replaced the embedding's Parameter: tie the head to the new one again
+            head.weight = emb.weight
+        self._state = {n: params_now for n, params_now in hf.state_dict(keep_vars=True).items() if n in load}
+
+    # ---- properties the engine, router and benchmarks use ----------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.hf.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.get_input_embeddings().weight.dtype
+
+    # ---- deltas -------------------------------------------------------------------------------------
+    def _wrap(self, param: str) -> nn.Module:
+        """The Twin layer for ``param`` (an HF name such as model.layers.0.mlp.up_proj.weight), created once."""
+        path, _ = param.rsplit(".", 1)
+        mod = self.hf.get_submodule(path)
+        if isinstance(mod, (TwinLinear, TwinEmbedding, TwinNorm)):
+            return mod
+        if isinstance(mod, (nn.Linear, Conv1D)):
+            twin = TwinLinear(mod, self.ctx)
+        elif isinstance(mod, nn.Embedding):
+            if type(mod) is not nn.Embedding and not hasattr(mod, "embed_scale"):
+                raise UnsupportedModelError(f"{param}: embedding class {type(mod).__name__} is not supported "
+                                            f"for exclusive deltas")
+            twin = TwinEmbedding(mod, self.ctx)
+        elif isinstance(mod, nn.LayerNorm) or _is_rms_norm(mod):
+            twin = TwinNorm(mod, self.ctx)
+        else:
+            raise UnsupportedModelError(f"{param}: exclusive deltas on a {type(mod).__name__} are not supported")
+        parent, _, child = path.rpartition(".")
+        setattr(self.hf.get_submodule(parent) if parent else self.hf, child, twin)
+        return twin
+
+    def attach_deltas(self, expert_names: list[str], lowrank: dict[str, LowRankDeltas],
+                      dense: dict[str, torch.Tensor]) -> None:
+        """lowrank: param -> factors of its 2-D deltas; dense: param -> (T, *shape) 1-D deltas (gains, biases)."""
+        self.expert_names = list(expert_names)
+        self.num_experts = len(expert_names)
+        for param, d in lowrank.items():
+            twin = self._wrap(param)
+            if isinstance(twin.base_layer, Conv1D):     # stored δ is (d_in, d_out) = B A: use Aᵀ Bᵀ
+                d = LowRankDeltas(d.B_cat.T.contiguous(), d.A_cat.T.contiguous(), d.idx, d.num_experts, d.offsets)
+            twin.deltas = d
+        emb_name = self._embedding_name
+        head = self.hf.get_output_embeddings()
+        if self.tied and emb_name in lowrank and not isinstance(head, TwinLinear):
+            twin = TwinLinear(head, self.ctx)   # the tied head is the embedding table: same δ_t factors
+            twin.deltas = lowrank[emb_name]
+            self.hf.set_output_embeddings(twin)
+        for param, d in dense.items():
+            twin = self._wrap(param)
+            if isinstance(twin, TwinEmbedding):
+                raise UnsupportedModelError(f"{param}: a dense delta on an embedding is not supported")
+            if param.endswith(".bias"):
+                twin.bias_deltas = d
+            else:
+                twin.deltas = d
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache, slots: torch.Tensor,
+                w: torch.Tensor | ExpertWeights | None = None, logits_at: torch.Tensor | None = None,
+                num_layers: int | None = None) -> torch.Tensor:
+        """tokens, positions: (N, S) long; slots: (N,) long; w: (N, T) (or ExpertWeights) or None (= θ*).
+
+        Returns logits (N, S, V) in the model's dtype, or (N, V) at column ``logits_at`` (N,) of each row.
+        With ``num_layers`` it stops after that many decoder blocks and returns their hidden states (N, S, H).
+        """
+        ctx = self.ctx
+        if w is not None:
+            w = (w if isinstance(w, ExpertWeights) else ExpertWeights(w)).to(self.dtype)
+        ctx.w, ctx.cache, ctx.slots, ctx.positions = w, cache, slots, positions
+        ctx.length, ctx.masks = int(positions.max()) + 1, {}
+        try:
+            if num_layers is not None:
+                return self._hidden_after(tokens, positions, num_layers)
+            h = self.base(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+        finally:
+            ctx.w = ctx.cache = ctx.slots = ctx.positions = ctx.masks = None
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at].unsqueeze(1)
+        ctx.w = w  # the head may carry deltas too
+        try:
+            logits = self._head(h)
+        finally:
+            ctx.w = None
+        return logits[:, 0] if logits_at is not None else logits
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head plus the logit post-processing transformers' CausalLM classes apply."""
+        logits = self.hf.get_output_embeddings()(h)
+        cfg = self.config
+        if getattr(cfg, "logit_scale", None) is not None:            # Cohere
+            logits = logits * cfg.logit_scale
+        if getattr(cfg, "logits_scaling", None) is not None:         # Granite
+            logits = logits / cfg.logits_scaling
+        if getattr(cfg, "final_logit_softcapping", None) is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        return logits
+
+    def _hidden_after(self, tokens: torch.Tensor, positions: torch.Tensor, num_layers: int) -> torch.Tensor:
+        if self.layers is None:
+            raise UnsupportedModelError(f"{type(self.hf).__name__}: cannot find its decoder blocks for a truncated pass")
+        captured = {}
+
+        def hook(_module, _args, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = self.layers[num_layers - 1].register_forward_hook(hook)
+        try:
+            self.base(input_ids=tokens, position_ids=positions, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    # ---- reference path -----------------------------------------------------------------------------
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """θ* under HF names, as loaded (a tied head is left out, as in tied checkpoints)."""
+        return {n: t.detach() for n, t in self._state.items()}
+
+    def twin_layers(self) -> dict[str, nn.Module]:
+        """HF parameter name of each wrapped tensor -> its Twin layer."""
+        out = {}
+        for name, mod in self.hf.named_modules():
+            if isinstance(mod, (TwinLinear, TwinEmbedding, TwinNorm)):
+                out[name.replace(".base_layer", "")] = mod
+        return out
+
+    def fused(self, w: torch.Tensor) -> HFTwinModel:
+        """Reference path: a new dense model with θ* + Σ_t w_t δ̂_t materialised (w: (T,))."""
+        w = w.to(device=self.device, dtype=self.dtype)
+        state = self.backbone_state()
+        for path, twin in self.twin_layers().items():
+            for attr, d in (("weight", getattr(twin, "deltas", None)), ("bias", getattr(twin, "bias_deltas", None))):
+                key = f"{path}.{attr}"
+                if d is None or key not in state:
+                    continue
+                if isinstance(d, LowRankDeltas):
+                    if not d.rank:
+                        continue
+                    if isinstance(twin.base_layer, Conv1D):
+                        state[key] = materialize_weight(state[key].T, d, w).T.contiguous()
+                    else:
+                        state[key] = materialize_weight(state[key], d, w)
+                else:
+                    state[key] = state[key] + w @ d
+        # a tied head is the fused embedding table of the new model, so it carries the same deltas
+        return HFTwinModel(self.config, state).eval()
+
+    def new_cache(self, slots: int, max_seq: int, layers: int | None = None) -> SlotCache:
+        """``layers`` < num_layers makes a cache for a truncated pass (router features)."""
+        return SlotCache(layers or self.args.num_layers, slots, max_seq, self.device, self.dtype)
