@@ -12,15 +12,31 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import APIError, Unauthorized
 from .protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatChunkChoice,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    Routing,
+    TokenizeRequest,
+    TokenizeResponse,
+    TwinInfo,
+    Usage,
 )
-from .service import Service
+from .service import Call, Piece, Service
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503, 504)}
 router = APIRouter()
@@ -36,50 +52,56 @@ async def check_api_key(request: Request) -> None:
         raise Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")
 
 
-def _usage(done: dict) -> dict:
-    p, c = done["prompt_tokens"], done["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+def _twin(routings: list[dict]) -> TwinInfo:
+    return TwinInfo(routing=Routing(**routings[0]),
+                    prompts=[Routing(**r) for r in routings] if len(routings) > 1 else None)
 
 
-async def _stream(svc: Service, req, http: Request, chat: bool, model: str, include_usage: bool) -> StreamingResponse:
-    """Submit, wait for the routing event (errors before it become HTTP errors), then stream SSE."""
-    svc.engine.submit(req)
-    events = svc.events(req, http.is_disconnected)
+async def _stream(svc: Service, call: Call, http: Request, chat: bool, model: str,
+                  include_usage: bool) -> Response:
+    """Submit, wait for the first event (errors before it become HTTP errors), then stream SSE chunks."""
+    svc.submit(call)
+    pieces = svc.pieces(call, http.is_disconnected)
     try:
-        kind, routing = await events.__anext__()   # raises APIError (504, ...) before any byte is sent
+        first = await pieces.__anext__()   # raises APIError (504, ...) before any byte is sent
     except StopAsyncIteration:  # the client left before admission
         return Response(status_code=499)
-    cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    obj = "chat.completion.chunk" if chat else "text_completion"
+    cid, created = _id(chat), int(time.time())
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+    def chunk(p: Piece) -> str:
+        twin = _twin([p.routing]) if p.kind == "routing" else None
+        finish = p.finish_reason if p.kind == "done" else None
         if chat:
-            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            delta = ChatDelta(role="assistant", content="") if p.kind == "routing" else ChatDelta(content=p.text or None)
+            lp = ChatLogprobs.build(p.entries) if call.logprobs and p.kind == "text" else None
+            c = ChatCompletionChunk(id=cid, created=created, model=model, twin=twin, choices=[
+                ChatChunkChoice(index=p.index, delta=delta, finish_reason=finish, logprobs=lp)])
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            lp = CompletionLogprobs.build(p.entries) if call.logprobs and p.kind == "text" else None
+            c = CompletionChunk(id=cid, created=created, model=model, twin=twin, choices=[
+                CompletionChoice(index=p.index, text=p.text, finish_reason=finish, logprobs=lp)])
+        return f"data: {c.model_dump_json()}\n\n"
 
     async def body() -> AsyncIterator[str]:
-        first = chunk(None, None, first=True)
-        first["twin"] = {"routing": routing}
-        yield _sse(first)
+        completion_tokens = 0
         try:
-            async for kind, payload in events:
-                if kind == "text":
-                    yield _sse(chunk(payload, None))
-                elif kind == "done":
-                    yield _sse(chunk(None, payload["finish_reason"]))
-                    if include_usage:
-                        yield _sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
-                                    "usage": _usage(payload)})
+            yield chunk(first)
+            async for p in pieces:
+                if p.kind == "text" and not p.text and not p.entries:
+                    continue
+                completion_tokens += p.completion_tokens
+                yield chunk(p)
+            if include_usage:
+                usage = Usage(**svc.usage(call, completion_tokens))
+                c = (ChatCompletionChunk if chat else CompletionChunk)(id=cid, created=created, model=model,
+                                                                       choices=[], usage=usage)
+                yield f"data: {c.model_dump_json()}\n\n"
         except APIError as e:
-            yield _sse(e.body())
+            yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -89,30 +111,55 @@ async def _stream(svc: Service, req, http: Request, chat: bool, model: str, incl
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS,
              dependencies=[Depends(check_api_key)], tags=["openai"])
 async def completions(body: CompletionRequest, http: Request, svc: Service = Depends(service)):
-    if body.suffix:
-        from .errors import BadRequest
-        raise BadRequest("suffix is not supported", param="suffix")
-    req = svc.make_request(body.prompt, body)
+    call = svc.completion_call(body)
     if body.stream:
-        return await _stream(svc, req, http, False, body.model, body.include_usage)
-    text, done, routing = await svc.run(req, http.is_disconnected)
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model, "usage": _usage(done), "twin": {"routing": routing},
-            "choices": [{"index": 0, "text": (body.prompt + text) if body.echo else text,
-                         "finish_reason": done["finish_reason"], "logprobs": None}]}
+        return await _stream(svc, call, http, False, body.model, body.include_usage)
+    results = await svc.collect(call, http.is_disconnected)
+    return CompletionResponse(
+        id=_id(False), created=int(time.time()), model=body.model,
+        usage=Usage(**svc.usage(call, call.completion_tokens)),
+        twin=_twin([results[k * call.n].routing for k in range(len(call.prompts))]),
+        choices=[CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason,
+                                  logprobs=CompletionLogprobs.build(r.entries) if call.logprobs else None)
+                 for r in results])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS,
              dependencies=[Depends(check_api_key)], tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, http: Request, svc: Service = Depends(service)):
-    req = svc.make_request(svc.chat_prompt(body.messages), body)
+    call = svc.chat_call(body)
     if body.stream:
-        return await _stream(svc, req, http, True, body.model, body.include_usage)
-    text, done, routing = await svc.run(req, http.is_disconnected)
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.model, "usage": _usage(done), "twin": {"routing": routing},
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": done["finish_reason"]}]}
+        return await _stream(svc, call, http, True, body.model, body.include_usage)
+    results = await svc.collect(call, http.is_disconnected)
+    return ChatCompletionResponse(
+        id=_id(True), created=int(time.time()), model=body.model,
+        usage=Usage(**svc.usage(call, call.completion_tokens)), twin=_twin([results[0].routing]),
+        choices=[ChatChoice(index=r.index, message=ChatResponseMessage(content=r.text), finish_reason=r.finish_reason,
+                            logprobs=ChatLogprobs.build(r.entries) if call.logprobs else None)
+                 for r in results])
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, dependencies=[Depends(check_api_key)],
+             tags=["tokenizer"])
+async def tokenize(body: TokenizeRequest, svc: Service = Depends(service)):
+    """Token ids as the server counts them (vLLM's shape); ``messages`` are rendered with the chat template."""
+    if body.model is not None:
+        svc.check_model(body.model)
+    add = True if body.add_special_tokens is None else body.add_special_tokens
+    text = body.prompt if body.prompt is not None else svc.chat_prompt(
+        body.messages, add_generation_prompt=body.add_generation_prompt is not False)
+    ids = svc.tokenizer.encode(text, add_special_tokens=add)
+    return TokenizeResponse(count=len(ids), max_model_len=svc.engine.max_len, tokens=ids,
+                            token_strs=[svc.token_text(t) for t in ids] if body.return_token_strs else None)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS,
+             dependencies=[Depends(check_api_key)], tags=["tokenizer"])
+async def detokenize(body: DetokenizeRequest, svc: Service = Depends(service)):
+    if body.model is not None:
+        svc.check_model(body.model)
+    svc.check_ids(body.tokens, "tokens")
+    return DetokenizeResponse(prompt=svc.tokenizer.decode(body.tokens, skip_special_tokens=True))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(check_api_key)],

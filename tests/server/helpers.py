@@ -31,21 +31,23 @@ async def running_engine(artifact, **overrides):
         await engine.stop(drain_s=1.0)
 
 
-async def complete(svc, prompt: str, model: str = "tiny", **fields) -> dict:
-    """One non-streaming completion through Service/Engine: {"text", "finish_reason", usage..., "routing"}."""
+async def _run(svc, call) -> dict:
+    (r,) = await svc.collect(call)
+    return {"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens, "routing": r.routing, "entries": r.entries}
+
+
+async def complete(svc, prompt, model: str = "tiny", **fields) -> dict:
+    """One non-streaming completion through Service/Engine: {"text", "finish_reason", usage..., "routing",
+    "entries" (logprobs)}."""
     fields.setdefault("temperature", 0.0)
-    body = CompletionRequest(model=model, prompt=prompt, **fields)
-    req = svc.make_request(body.prompt, body)
-    text, done, routing = await svc.run(req)
-    return {"text": text, **done, "routing": routing}
+    return await _run(svc, svc.completion_call(CompletionRequest(model=model, prompt=prompt, **fields)))
 
 
 async def chat(svc, content: str, model: str = "tiny", **fields) -> dict:
     fields.setdefault("temperature", 0.0)
     body = ChatCompletionRequest(model=model, messages=[{"role": "user", "content": content}], **fields)
-    req = svc.make_request(svc.chat_prompt(body.messages), body)
-    text, done, routing = await svc.run(req)
-    return {"text": text, **done, "routing": routing}
+    return await _run(svc, svc.chat_call(body))
 
 
 def record_batches(engine) -> dict[str, list[int]]:
