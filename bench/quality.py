@@ -15,11 +15,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from twin.artifact import BACKBONE, EXCLUSIVE, read_report, update_artifact
 from compression.checkpoints import LazyState, load_model_state, open_expert
 from compression.merging import merge_params, merge_state
-from twin.loading import LoadedArtifact, build_model, load_artifact
+from twin.artifact import BACKBONE, EXCLUSIVE, read_report, update_artifact
 from twin.generate import greedy_generate
+from twin.loading import LoadedArtifact, build_model, load_artifact
+from twin.manifest import Manifest
 from zoo.tasks import read_jsonl
 
 BASELINE_GRID = {
@@ -34,11 +35,13 @@ class EvalError(ValueError):
     pass
 
 
-def find_tasks_dir(manifest: dict, tasks: str | Path | None) -> Path:
+def find_tasks_dir(manifest: Manifest, tasks: str | Path | None) -> Path:
     if tasks is not None:
         p = Path(tasks)
-    else:  # the demo zoo keeps tasks/ beside base/
-        p = Path(manifest["base"]).parent / "tasks"
+    elif manifest.base is not None:  # the demo zoo keeps tasks/ beside base/
+        p = Path(manifest.base).parent / "tasks"
+    else:
+        raise EvalError("the artifact records no base model dir; pass --tasks DIR (DIR/TASK/test.jsonl)")
     if not p.is_dir():
         raise EvalError(f"task splits not found at {p}; pass --tasks DIR (DIR/TASK/test.jsonl)")
     return p
@@ -98,11 +101,11 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
 
     need_dense = {"expert", "base", "task_arithmetic", "ties", "dare"} & set(methods)
     if need_dense:
-        base_state = load_model_state(m["base"])
-        lazy = LazyState(m["base"])
+        base_state = load_model_state(m.base)
+        lazy = LazyState(m.base)
         expert_states = []
-        for e in m["experts"]:
-            ex = open_expert(e["source"], lazy)
+        for e in m.experts:
+            ex = open_expert(e.source, lazy)
             expert_states.append({k: ex.get(k) for k in base_state})
         dense_bytes = sum(sum(t.numel() * t.element_size() for t in s.values()) for s in expert_states)
     if "expert" in methods:
@@ -165,7 +168,7 @@ def router_report(art: LoadedArtifact, test: dict[str, list[dict]]) -> dict:
     from router.model import load_router
 
     router = load_router(art.path, art.manifest)
-    train = art.manifest["router"]["train"]
+    train = art.manifest.router.train
     rows = [r for rs in test.values() for r in rs]
     names = art.expert_names
     x = prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config.feature_layer)
@@ -224,15 +227,15 @@ def rank_sweep(path: str | Path, ranks: list[int], tasks: str | Path | None = No
     """Rebuild the artifact's recipe at each rank (temp dirs) and score Twin with oracle routing."""
     import tempfile
 
-    from twin.artifact import verify_artifact
     from compression.build import build_artifact
     from compression.recipe import Recipe
+    from twin.artifact import verify_artifact
 
     console = console or Console(stderr=True)
     manifest = verify_artifact(path)
-    if "recipe" not in manifest:
+    if manifest.recipe is None:
         raise EvalError(f"{path}: manifest has no recipe; rebuild it with this version to sweep ranks")
-    recipe = Recipe.model_validate(manifest["recipe"])
+    recipe = Recipe.model_validate(manifest.recipe)
     tasks = str(find_tasks_dir(manifest, tasks))  # checked once, before any rebuild
     rows = []
     quiet = Console(quiet=True)

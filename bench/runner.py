@@ -96,12 +96,13 @@ class RunResult:
 
 
 # ---- artifacts --------------------------------------------------------------------------------------
-def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = True) -> LoadedArtifact:
+def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = True,
+                        backend: str = "transformers") -> LoadedArtifact:
     """As ``server.app.load_state`` loads it on CPU/fp32 (backbone mode: ``with_experts=False``)."""
     from compression.experts import read_expert_state
 
     return load_artifact(path, device="cpu", dtype="float32", verify=verify, with_experts=with_experts,
-                         expert_reader=read_expert_state)
+                         backend=backend, expert_reader=read_expert_state)
 
 
 def expert_sources_available(art: LoadedArtifact) -> tuple[bool, str]:
@@ -414,7 +415,8 @@ class ArtifactBench:
 async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], batch_sizes: list[int],
                          requests: int, max_tokens: int, tasks: str | Path | None = None,
                          log: Callable[[str], None] = lambda s: None, equivalence_requests: int = 16,
-                         serial_requests: int | None = 16, min_seconds: float = 0.0) -> ArtifactBench:
+                         serial_requests: int | None = 16, min_seconds: float = 0.0,
+                         backend: str = "transformers") -> ArtifactBench:
     """Every mode at every batch size (materialize/expert once, at batch 1) on one artifact.
 
     Batched modes are interleaved per batch size (backbone, lowrank, lowrank_top2 back to back) so a
@@ -427,8 +429,8 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
     from router.model import load_router
 
     t0 = time.perf_counter()
-    full = load_bench_artifact(path, with_experts=True, verify=True)
-    bb = load_bench_artifact(path, with_experts=False, verify=False) if "backbone" in modes else None
+    full = load_bench_artifact(path, with_experts=True, verify=True, backend=backend)
+    bb = load_bench_artifact(path, with_experts=False, verify=False, backend=backend) if "backbone" in modes else None
     router = load_router(full.path, full.manifest)
     n_warm = max(batch_sizes + [2])
     if full.manifest.synthetic or (tasks is None and not full.manifest.base):
@@ -473,7 +475,8 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                                                    "top_k": router.config.top_k,
                                                    "fallback": router.config.fallback},
             "experts": full.expert_names, "num_layers": full.model.args.num_layers,
-            "hidden_size": full.model.args.hidden_size, "vocab_size": full.model.args.vocab_size}
+            "hidden_size": full.model.args.hidden_size, "vocab_size": full.model.args.vocab_size,
+            "backend": backend}
     if "lowrank" in modes and "materialize" in modes and equivalence_requests > 0:
         info["equivalence"] = await pinned_equivalence(full, router, workload, max_tokens, max_len,
                                                        max(batch_sizes), equivalence_requests, label)

@@ -42,6 +42,7 @@ from twin.artifact import (
     exclusive_key,
     finalize_manifest,
 )
+from twin.manifest import Manifest
 
 SYNTHETIC_TASK_PREFIX = "synth"
 
@@ -163,7 +164,7 @@ def _random_router(spec: SyntheticSpec, backbone: dict[str, torch.Tensor], confi
     return state, section
 
 
-def build_synthetic_artifact(out: str | Path, spec: SyntheticSpec | None = None) -> dict:
+def build_synthetic_artifact(out: str | Path, spec: SyntheticSpec | None = None) -> Manifest:
     """Write a random artifact of ``spec``'s shape to ``out`` (atomically); return the manifest."""
     from zoo.tokenizer import make_char_tokenizer
 
@@ -198,20 +199,20 @@ def build_synthetic_artifact(out: str | Path, spec: SyntheticSpec | None = None)
     n_exclusive = sum(t.numel() for t in exclusive.values())
     report = {"build": {"synthetic": spec.to_dict(), "backbone_params": n_backbone,
                         "exclusive_params": n_exclusive, "seconds": round(time.perf_counter() - t0, 2)}}
-    manifest = {
-        "created_by": f"twinserve {__version__} (bench.synthetic)",
-        "architecture": "LlamaForCausalLM",
-        "config": config.to_dict(),
-        "dtype": "float32",
-        "base": None,
-        "experts": [{"name": n, "description": f"synthetic pseudo-task {n}", "source": None} for n in names],
-        "merge": None,
-        "rank_policy": {"rank": spec.rank, "energy": None, "max_rank": None, "include": ["*"], "exclude": [],
-                        "svd": "none (random factors)"},
-        "tensors": tensors,
-        "router": router_section,
-        "synthetic": spec.to_dict(),
-    }
+    manifest = Manifest(
+        created_by=f"twinserve {__version__} (bench.synthetic)",
+        architecture="LlamaForCausalLM",
+        config=config.to_dict(),
+        dtype="float32",
+        base=None,
+        experts=[{"name": n, "description": f"synthetic pseudo-task {n}", "source": None} for n in names],
+        merge=None,
+        rank_policy={"rank": spec.rank, "energy": None, "max_rank": None, "include": ["*"], "exclude": [],
+                     "svd": "none (random factors)"},
+        tensors=tensors,
+        router=router_section,
+        synthetic=spec.to_dict(),
+    )
     with atomic_dir(out) as tmp:
         save_file(backbone, str(tmp / BACKBONE))
         save_file(exclusive, str(tmp / EXCLUSIVE))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from compression.checkpoints import LazyState, open_expert
+from compression.checkpoints import LazyState, load_config, open_expert
 
 
 def read_expert_state(manifest, t: int) -> dict[str, torch.Tensor]:
@@ -11,6 +11,9 @@ def read_expert_state(manifest, t: int) -> dict[str, torch.Tensor]:
 
     ``manifest`` is the artifact's manifest: its base and expert sources are local paths.
     """
-    base = LazyState(manifest["base"])
-    expert = open_expert(manifest["experts"][t]["source"], base)
-    return {k: expert.get(k) for k in base.keys()}
+    from compression.build import CheckpointSources
+
+    base = LazyState(manifest.base)
+    expert = open_expert(manifest.experts[t].source, base)
+    src = CheckpointSources(base, [expert], load_config(manifest.base), untie=manifest.untied_head)
+    return {k: src.read(expert, k) for k in src.keys}

@@ -119,17 +119,17 @@ class Router:
         return Routing(weights, probs, top, entropy, distance, uncertain, (time.perf_counter() - t0) * 1000)
 
 
-def load_router(path, manifest: dict) -> Router | None:
+def load_router(path, manifest) -> Router | None:
     """The artifact's router, or None when it has none. Checksums are verified with the artifact."""
     from pathlib import Path
 
     from twin.artifact import ROUTER, ArtifactError, load_tensors
 
-    section = manifest.get("router")
-    if not section:
+    section = manifest.router  # twin.manifest.Manifest
+    if section is None:
         return None
-    cfg = RouterConfig.from_dict(section["config"])
-    if cfg.experts != [e["name"] for e in manifest["experts"]]:
+    cfg = RouterConfig.from_dict(section.config)
+    if cfg.experts != manifest.expert_names:
         raise ArtifactError(f"{Path(path) / ROUTER}: router experts {cfg.experts} differ from the artifact's")
     state = load_tensors(Path(path), ROUTER)
     mlp = RouterMLP(cfg.feature_dim, cfg.hidden, len(cfg.experts))

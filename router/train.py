@@ -187,7 +187,7 @@ def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None
     from zoo.build import load_task_split
 
     console = console or Console(stderr=True)
-    if verify_artifact(artifact).get("router"):
+    if verify_artifact(artifact).router is not None:
         console.print(f"[green]router cache hit[/] {artifact / ROUTER}")
         return
     art = load_artifact(artifact, device="cpu", dtype="float32", verify=False)

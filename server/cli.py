@@ -23,8 +23,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from compression.recipe import RecipeError
     from loadtest.workload import LoadtestError
     from router.train import RouterDataError
+    from compression.parity import ParityError
     from twin.model import UnsupportedModelError
-    return (ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
+    return (ParityError, ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
             RouterDataError, LoadtestError)
 
 
@@ -36,14 +37,41 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_build(args) -> int:
+    import shutil
+
     from compression.build import build_artifact
+    from compression.experts import read_expert_state
+    from compression.parity import ParityError, check_parity, record_parity
     from compression.recipe import load_recipe
     recipe = load_recipe(args.recipe)
     if args.rank is not None:
         recipe = recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": args.rank, "energy": None})})
+    check_base_supported(recipe.base)   # before any merge work: seconds, not the whole build
     build_artifact(recipe, args.output)
+    if args.skip_parity:
+        record_parity(args.output, None, skipped=True)
+        console.print("[yellow]parity gate skipped (--skip-parity, recorded in the manifest)[/]")
+    else:
+        try:
+            report = check_parity(args.output, read_expert_state, console=console)
+        except ParityError:
+            shutil.rmtree(args.output, ignore_errors=True)   # never leave an artifact that serves wrong logits
+            raise
+        record_parity(args.output, report)
     console.print(f"[green]artifact written[/] {args.output}")
     return 0
+
+
+def check_base_supported(base: str) -> None:
+    """UnsupportedModelError (exit 2) naming the base's model_type when the server could not serve it."""
+    from transformers import AutoConfig
+
+    from twin.model import check_supported
+    try:
+        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"base model {base}: cannot read its config.json: {e}") from None
+    check_supported(config)
 
 
 def cmd_eval(args) -> int:
@@ -88,13 +116,13 @@ def cmd_demo(args) -> int:
     fresh = False
     try:
         m = verify_artifact(out)
-        fresh = m.get("recipe") == recipe.model_dump(mode="json") and m.get("zoo_fingerprint") == info["fingerprint"]
+        fresh = m.recipe == recipe.model_dump(mode="json") and m.zoo_fingerprint == info["fingerprint"]
     except ArtifactError:
         pass
     if fresh:
         console.print(f"[green]artifact cache hit[/] {out}")
     else:
-        build_artifact(recipe, out, extra_manifest={"zoo_fingerprint": info["fingerprint"]})
+        build_artifact(recipe, out, zoo_fingerprint=info["fingerprint"])
     from router.train import ensure_demo_router
     ensure_demo_router(out, Path(args.zoo), console=console)
     report = read_report(out)
@@ -103,7 +131,7 @@ def cmd_demo(args) -> int:
         evaluate(out, console=console, router_weights=_router_weights())
     else:
         from bench.quality import print_quality_table
-        print_quality_table(report, [e["name"] for e in verify_artifact(out)["experts"]], console)
+        print_quality_table(report, verify_artifact(out).expert_names, console)
     return 0
 
 
@@ -133,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("recipe", help="recipe file (see deploy/recipes/)")
     b.add_argument("-o", "--output", required=True, help="artifact directory (written atomically)")
     b.add_argument("--rank", type=positive_int, default=None, help="override the recipe's fixed rank")
+    b.add_argument("--skip-parity", action="store_true",
+                   help="skip the parity gate (each expert served by the artifact vs transformers' forward; "
+                        "loads every expert once: skip it for models too large to hold twice). Recorded in the "
+                        "manifest")
     b.set_defaults(fn=cmd_build)
 
     e = sub.add_parser("eval", help="quality table: experts, base, TA, TIES, DARE, Twin (oracle and router)")

@@ -141,10 +141,6 @@ def build_tiny_artifact(base: str | Path, experts: dict[str, str | Path], out: s
     return Path(out)
 
 
-def read_manifest_json(path: str | Path) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text())
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 """The artifact: the contract between build and serve.
 
-    manifest.json          format + version, config, experts, merge, ranks, router, sha256 of every file
+    manifest.json          twin.manifest.Manifest: format + version, config, experts, merge, ranks, router,
+                           parity, sha256 of every file
     backbone.safetensors   θ*
-    exclusive.safetensors  "{param}::{expert}::A" / "::B" factors of 2-D deltas, "::delta" for 1-D deltas
+    exclusive.safetensors  "{param}::{expert}::A" / "::B" factors of 2-D deltas, "::delta" for 1-D deltas;
+                           int8 factors carry "::A_scale" / "::B_scale" (one fp32 scale per rank component)
+    generation_config.json (optional) the base's, for eos ids
     router.safetensors     (optional) router weights
     tokenizer/             HF tokenizer files
     report.json            build + quality report
@@ -25,8 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-FORMAT = "twinserve-artifact"
-FORMAT_VERSION = 1
+from .manifest import FORMAT, FORMAT_VERSION, Manifest, manifest_from_json
+
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.safetensors"
 EXCLUSIVE = "exclusive.safetensors"
@@ -56,12 +59,13 @@ def make_readable(root: Path) -> None:
         p.chmod(0o755 if p.is_dir() else 0o644)
 
 
-def finalize_manifest(root: Path, manifest: dict) -> dict:
-    """Record size and sha256 of every file under ``root`` and write manifest.json (all world-readable)."""
-    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
-    manifest["files"] = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
-                         for rel in _listing(root)}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+def finalize_manifest(root: Path, manifest: Manifest) -> Manifest:
+    """Record size and sha256 of every file under ``root`` and write manifest.json at the current format
+    version (all files world-readable); return the manifest as written."""
+    files = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in _listing(root)}
+    manifest = Manifest.model_validate(dict(manifest.model_dump(), format=FORMAT, format_version=FORMAT_VERSION,
+                                            files=files))
+    (root / MANIFEST).write_text(manifest.to_json())
     make_readable(root)
     return manifest
 
@@ -109,7 +113,8 @@ def replace_file(path: Path, data: bytes | str) -> None:
     path.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse and validate manifest.json (no checksums); ArtifactError names the file, version or field."""
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
@@ -117,37 +122,33 @@ def read_manifest(path: str | Path) -> dict:
     if not mpath.is_file():
         raise ArtifactError(f"{mpath}: missing; {path} is not a twinserve artifact")
     try:
-        manifest = json.loads(mpath.read_text())
+        data = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{mpath}: cannot parse: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mpath}: not a twinserve artifact manifest (format != {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{mpath}: format_version {manifest.get('format_version')!r} is not supported "
-                            f"(this twinserve reads version {FORMAT_VERSION}); rebuild the artifact")
-    return manifest
+    try:
+        return manifest_from_json(data, str(mpath))
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
 
 
-def verify_artifact(path: str | Path) -> dict:
+def verify_artifact(path: str | Path) -> Manifest:
     """Check version, presence, size and sha256 of every file; return the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
-    files = manifest.get("files") or {}
+    files = manifest.files
     for required in (BACKBONE, EXCLUSIVE):
         if required not in files:
             raise ArtifactError(f"{path / MANIFEST}: does not list {required}")
     for rel, meta in files.items():
         f = path / rel
-        if not isinstance(meta, dict) or not {"bytes", "sha256"} <= set(meta):
-            raise ArtifactError(f"{path / MANIFEST}: entry for {rel} lacks bytes/sha256")
         if not f.resolve().is_relative_to(path.resolve()):
             raise ArtifactError(f"{path / MANIFEST}: file path {rel} points outside the artifact")
         if not f.is_file():
             raise ArtifactError(f"{f}: missing (listed in manifest.json)")
         size = f.stat().st_size
-        if size != meta["bytes"]:
-            raise ArtifactError(f"{f}: truncated or modified: {size} bytes, manifest says {meta['bytes']}")
-        if sha256_file(f) != meta["sha256"]:
+        if size != meta.bytes:
+            raise ArtifactError(f"{f}: truncated or modified: {size} bytes, manifest says {meta.bytes}")
+        if sha256_file(f) != meta.sha256:
             raise ArtifactError(f"{f}: checksum mismatch (sha256 differs from manifest.json); file was modified")
     return manifest
 
@@ -168,31 +169,53 @@ def read_report(path: str | Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def update_artifact(path: str | Path, files: dict[str, bytes | str], manifest_update: dict | None = None) -> dict:
-    """Atomically replace/add ``files`` (relative path -> content) and merge ``manifest_update``; re-checksum."""
+def update_artifact(path: str | Path, files: dict[str, bytes | str], manifest_update: dict | None = None) -> Manifest:
+    """Atomically replace/add ``files`` (relative path -> content) and set the Manifest fields in
+    ``manifest_update`` (field name -> value, validated); re-checksum."""
     path = Path(path)
     manifest = verify_artifact(path)
+    try:
+        manifest = Manifest.model_validate(dict(manifest.model_dump(), **(manifest_update or {})))
+    except ValueError as e:
+        raise ArtifactError(f"{path / MANIFEST}: invalid update: {e}") from None
     with atomic_dir(path, link_from=path) as tmp:
         for rel, data in files.items():
             replace_file(tmp / rel, data)
-        manifest.update(manifest_update or {})
         (tmp / MANIFEST).unlink()
         manifest = finalize_manifest(tmp, manifest)
     return manifest
 
 
-def load_exclusive(path: str | Path, manifest: dict) -> tuple[dict, dict]:
-    """Exclusive deltas in expert order: ({param: LowRankDeltas}, {param: (T, *shape) dense deltas})."""
+def dequantize_factor(q: torch.Tensor, scale: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """fp32 factor from its stored form: int8 ``q`` times ``scale`` (one per rank component, laid along
+    ``dim``: 1 for B (d_out×r), 0 for A (r×d_in)); bf16/fp16/fp32 factors are only upcast."""
+    if scale is None:
+        return q.float()
+    return q.float() * (scale.float().unsqueeze(0) if dim == 1 else scale.float().unsqueeze(1))
+
+
+def stored_factors(tensors: dict[str, torch.Tensor], param: str, expert: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_t, A_t) of one expert as fp32, dequantised when stored as int8 (KeyError when absent)."""
+    def part(name: str, dim: int) -> torch.Tensor:
+        scale = tensors.get(exclusive_key(param, expert, f"{name}_scale"))
+        return dequantize_factor(tensors[exclusive_key(param, expert, name)], scale, dim)
+    return part("B", 1), part("A", 0)
+
+
+def load_exclusive(path: str | Path, manifest: Manifest) -> tuple[dict, dict]:
+    """Exclusive deltas in expert order: ({param: LowRankDeltas}, {param: (T, *shape) dense deltas}).
+
+    Factors are fp32 after loading (int8 ones dequantised); the caller casts to the serving dtype.
+    """
     from .fusion import LowRankDeltas
 
     tensors = load_tensors(Path(path), EXCLUSIVE)
-    names = [e["name"] for e in manifest["experts"]]
+    names = manifest.expert_names
     lowrank, dense = {}, {}
-    for param, info in manifest["tensors"].items():
+    for param, info in manifest.tensors.items():
         try:
-            if info["kind"] == "lowrank":
-                lowrank[param] = LowRankDeltas.from_factors(
-                    [(tensors[exclusive_key(param, n, "B")], tensors[exclusive_key(param, n, "A")]) for n in names])
+            if info.kind == "lowrank":
+                lowrank[param] = LowRankDeltas.from_factors([stored_factors(tensors, param, n) for n in names])
             else:
                 dense[param] = torch.stack([tensors[exclusive_key(param, n, "delta")] for n in names])
         except KeyError as e:

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from twin.artifact import BACKBONE, EXCLUSIVE, REPORT, exclusive_key, read_report, verify_artifact
 from compression.build import build_artifact, keeps_delta
 from compression.checkpoints import CheckpointError, LazyState, open_expert
 from compression.merging import merge_params, merge_state
@@ -25,13 +24,22 @@ from tests.conftest import (
     make_recipe,
     make_tiny_llama,
     make_tiny_model,
-    read_manifest_json,
     save_char_tokenizer,
 )
+from twin.artifact import (
+    BACKBONE,
+    EXCLUSIVE,
+    REPORT,
+    exclusive_key,
+    read_manifest,
+    read_report,
+    verify_artifact,
+)
+from twin.manifest import FORMAT_VERSION, Manifest
 
 
-def load_artifact(path: Path) -> tuple[dict, dict, dict]:
-    return read_manifest_json(path), load_file(str(path / BACKBONE)), load_file(str(path / EXCLUSIVE))
+def load_artifact(path: Path) -> tuple[Manifest, dict, dict]:
+    return read_manifest(path), load_file(str(path / BACKBONE)), load_file(str(path / EXCLUSIVE))
 
 
 def reconstruct(backbone: dict, exclusive: dict, expert: str) -> dict[str, torch.Tensor]:
@@ -81,16 +89,19 @@ def test_artifact_layout_and_manifest(tiny_artifact, tiny_base_dir, states):
     manifest = verify_artifact(tiny_artifact)
     for rel in ("manifest.json", BACKBONE, EXCLUSIVE, REPORT, "tokenizer/tokenizer.json"):
         assert (tiny_artifact / rel).is_file(), rel
-    assert manifest["architecture"] == "LlamaForCausalLM"
-    assert manifest["config"]["hidden_size"] == 32 and manifest["config"]["num_key_value_heads"] == 2
-    assert [e["name"] for e in manifest["experts"]] == EXPERT_NAMES
-    assert manifest["experts"][0]["description"] == "math expert"
-    assert manifest["merge"]["method"] == "ties" and manifest["merge"]["density"] == 0.5
-    assert manifest["rank_policy"]["rank"] == 8 and manifest["router"] is None and manifest["dtype"] == "float32"
-    assert set(manifest["tensors"]) == set(base)  # include "*" keeps every tensor's delta
-    assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["shape"] == [64, 32]
-    assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["kind"] == "lowrank"
-    assert manifest["tensors"]["model.norm.weight"]["kind"] == "dense"
+    assert manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.architecture == "LlamaForCausalLM"
+    assert manifest.config["hidden_size"] == 32 and manifest.config["num_key_value_heads"] == 2
+    assert manifest.expert_names == EXPERT_NAMES
+    assert manifest.experts[0].description == "math expert"
+    assert manifest.merge.method == "ties" and manifest.merge.density == 0.5
+    assert manifest.rank_policy.rank == 8 and manifest.router is None and manifest.dtype == "float32"
+    assert manifest.parity is None and manifest.skip_parity is False and manifest.untied_head is False
+    assert set(manifest.tensors) == set(base)  # include "*" keeps every tensor's delta
+    up = manifest.tensors["model.layers.0.mlp.up_proj.weight"]
+    assert up.shape == [64, 32] and up.kind == "lowrank" and up.factor_dtype == "float32"
+    assert set(up.quant_error.values()) == {0.0}  # fp32 factors are stored as computed
+    assert manifest.tensors["model.norm.weight"].kind == "dense"
     # the tokenizer travels with the artifact and encodes like the original
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(tiny_artifact / "tokenizer"), local_files_only=True)
@@ -134,17 +145,17 @@ def test_low_rank_reconstruction_within_reported_error(tiny_artifact, states):
     n_checked = 0
     for expert in EXPERT_NAMES:
         rec = reconstruct(backbone, exclusive, expert)
-        for name, info in manifest["tensors"].items():
+        for name, info in manifest.tensors.items():
             target = experts[expert][name].float()
-            if info["kind"] != "lowrank":
+            if info.kind != "lowrank":
                 continue
-            assert info["ranks"][expert] == min(8, *info["shape"])
+            assert info.ranks[expert] == min(8, *info.shape)
             A = exclusive[exclusive_key(name, expert, "A")]
             B = exclusive[exclusive_key(name, expert, "B")]
-            assert A.shape == (8, info["shape"][1]) and B.shape == (info["shape"][0], 8)
+            assert A.shape == (8, info.shape[1]) and B.shape == (info.shape[0], 8)
             delta = target - backbone[name]
             err = ((target - rec[name]).norm() / delta.norm()).item()
-            reported = info["rel_error"][expert]
+            reported = info.rel_error[expert]
             assert err <= reported + 2e-6
             assert err == pytest.approx(reported, abs=2e-6)
             assert 0.05 < reported < 1.0  # random full-rank deltas: rank 8 is lossy but helps
@@ -159,16 +170,16 @@ def test_full_rank_reconstruction_is_exact(ta_full_rank, states):
         rec = reconstruct(backbone, exclusive, expert)
         for name, target in experts[expert].items():
             assert_close(rec[name], target.float(), atol=1e-5, rtol=1e-5)
-            info = manifest["tensors"][name]
-            if info["kind"] == "lowrank":
-                assert info["ranks"][expert] == min(info["shape"])
-                assert info["rel_error"][expert] < 1e-5
+            info = manifest.tensors[name]
+            if info.kind == "lowrank":
+                assert info.ranks[expert] == min(info.shape)
+                assert info.rel_error[expert] < 1e-5
 
 
 def test_one_dim_deltas_stored_dense_and_exact(tiny_artifact, states):
     _, experts = states
     manifest, backbone, exclusive = load_artifact(tiny_artifact)
-    dense = [n for n, i in manifest["tensors"].items() if i["kind"] == "dense"]
+    dense = [n for n, i in manifest.tensors.items() if i.kind == "dense"]
     assert sorted(dense) == sorted(n for n, w in backbone.items() if w.ndim == 1)
     assert len(dense) == 5  # 2 norms per layer + final norm
     for expert in EXPERT_NAMES:
@@ -191,9 +202,9 @@ def test_report_counts_bytes_exactly(tiny_artifact, states):
         assert s["factor_bytes"] < s["dense_delta_bytes"]
         assert s["ratio"] == pytest.approx(factor / dense, abs=1e-4)
         assert 0.05 < s["mean_rel_error"] < 1.0
-    manifest = read_manifest_json(tiny_artifact)
+    manifest = read_manifest(tiny_artifact)
     for name in EXPERT_NAMES:
-        errs = [i["rel_error"][name] for i in manifest["tensors"].values() if i["kind"] == "lowrank"]
+        errs = [i.rel_error[name] for i in manifest.tensors.values() if i.kind == "lowrank"]
         assert report["experts"][name]["mean_rel_error"] == pytest.approx(sum(errs) / len(errs), abs=1e-4)
     assert report["merge"]["method"] == "ties" and report["rank_policy"]["rank"] == 8
 
@@ -206,7 +217,7 @@ def test_include_exclude_patterns(tiny_base_dir, tiny_expert_dirs, tmp_path, sta
     manifest, backbone, exclusive = load_artifact(out)
     kept = {n for n in base if n.startswith("model.layers.") and "norm" not in n and ".k_proj." not in n}
     assert len(kept) == 12
-    assert set(manifest["tensors"]) == kept
+    assert set(manifest.tensors) == kept
     assert {k.split("::")[0] for k in exclusive} == kept
     assert len(exclusive) == len(kept) * 3 * 2  # A and B for every expert
     assert set(backbone) == set(base)  # the backbone still has everything, merged
@@ -236,18 +247,18 @@ def test_energy_policy_ranks(tiny_base_dir, tiny_expert_dirs, tmp_path, states):
                               rank={"rank": None, "energy": 0.8, "max_rank": 12})
     manifest, backbone, exclusive = load_artifact(out)
     seen = set()
-    for name, info in manifest["tensors"].items():
-        if info["kind"] != "lowrank":
+    for name, info in manifest.tensors.items():
+        if info.kind != "lowrank":
             continue
         for expert in EXPERT_NAMES:
             delta = (experts[expert][name] - backbone[name]).double()
             s2 = torch.linalg.svdvals(delta).pow(2)
             cum = (torch.cumsum(s2, 0) / s2.sum()).tolist()
             want = min(12, next(i + 1 for i, c in enumerate(cum) if c >= 0.8))
-            assert info["ranks"][expert] == want, (name, expert)
+            assert info.ranks[expert] == want, (name, expert)
             assert exclusive[exclusive_key(name, expert, "A")].shape[0] == want
             if want < 12:
-                assert 1 - info["rel_error"][expert] ** 2 >= 0.8 - 1e-4
+                assert 1 - info.rel_error[expert] ** 2 >= 0.8 - 1e-4
             seen.add(want)
     assert len(seen) > 1 and 12 in seen and min(seen) < 12  # ranks differ per tensor; the cap binds for some
 
@@ -257,7 +268,7 @@ def test_bfloat16_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path, states):
     out = build_tiny_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path / "art",
                               merge={"method": "task_arithmetic", "lam": 0.5}, rank={"rank": 64}, dtype="bfloat16")
     manifest, backbone, exclusive = load_artifact(out)
-    assert manifest["dtype"] == "bfloat16"
+    assert manifest.dtype == "bfloat16"
     assert {w.dtype for w in backbone.values()} == {torch.bfloat16}
     assert {w.dtype for w in exclusive.values()} == {torch.bfloat16}
     expected = merge_state(base, [experts[n] for n in EXPERT_NAMES], "task_arithmetic", lam=0.5)
@@ -376,7 +387,7 @@ def test_qwen2_lora_experts_end_to_end(qwen2_lora, tmp_path):
     out = build_tiny_artifact(base_dir, adapters, tmp_path / "art",
                               merge={"method": "task_arithmetic", "lam": 0.5}, rank={"rank": 12})
     manifest = verify_artifact(out)
-    assert manifest["architecture"] == "Qwen2ForCausalLM"
+    assert manifest.architecture == "Qwen2ForCausalLM"
     _, backbone, exclusive = load_artifact(out)
     names = list(adapters)
     # θ* = θ0 + λ Σ scale·B_t A_t on LoRA targets, θ0 elsewhere
@@ -387,12 +398,12 @@ def test_qwen2_lora_experts_end_to_end(qwen2_lora, tmp_path):
         if not lora:
             assert torch.equal(backbone[pname], w0), pname
     # δ_t = θ_t − θ* has rank ≤ 3·4 = 12 on LoRA targets (λ=0.5 keeps all three terms) and is 0 elsewhere
-    for pname, info in manifest["tensors"].items():
+    for pname, info in manifest.tensors.items():
         lora = any(f".{t}.weight" in pname for t in LORA_TARGETS)
         for n in names:
-            if info["kind"] == "lowrank":
-                assert info["ranks"][n] == (12 if lora else 0), pname
-                assert info["rel_error"][n] < 1e-4
+            if info.kind == "lowrank":
+                assert info.ranks[n] == (12 if lora else 0), pname
+                assert info.rel_error[n] < 1e-4
             else:
                 assert torch.count_nonzero(exclusive[exclusive_key(pname, n, "delta")]) == 0  # biases/norms
     # θ* + B_t A_t reproduces peft's merge_and_unload() for every tensor

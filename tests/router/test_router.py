@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from twin.artifact import ROUTER, ArtifactError, verify_artifact
+from twin.artifact import ROUTER, ArtifactError, read_manifest, verify_artifact
 from router.features import pooled_features, prompt_features
 from router.model import Router, apply_top_k, load_router
 from router.train import MIN_PER_TASK, RouterDataError, read_labelled, train_router
@@ -19,7 +19,6 @@ from tests.conftest import (
     EXPERT_NAMES,
     ROUTER_TRAIN,
     ROUTER_UNKNOWN_LETTERS,
-    read_manifest_json,
     router_rows,
     write_router_jsonl,
 )
@@ -68,7 +67,7 @@ def test_pooling_rejects_a_bad_layer(art):
 # ----------------------------------------------------------------------------- training and routing
 
 def test_router_separates_the_tasks(routed_artifact, router, heldout):
-    report = read_manifest_json(routed_artifact)["router"]["train"]
+    report = read_manifest(routed_artifact).router.train
     assert report["heldout_accuracy"] >= 0.95 and report["feature_layer"] == ROUTER_TRAIN["layer"]
     x, y = heldout
     out = router.route(x)
@@ -234,23 +233,23 @@ def test_cli_trains_and_the_artifact_still_verifies(artifact_copy, tmp_path, cap
     from server.cli import main
 
     data = write_router_jsonl(tmp_path / "rows.jsonl", router_rows(10, seed=8))
-    assert read_manifest_json(artifact_copy)["router"] is None
+    assert read_manifest(artifact_copy).router is None
     code = main(["train-router", str(artifact_copy), "--data", str(data), "--layer", "1", "--epochs", "60",
                  "--hidden", "16", "--fallback", "uniform"])
     assert code == 0, capsys.readouterr().err
     manifest = verify_artifact(artifact_copy)
-    assert ROUTER in manifest["files"]
-    section = manifest["router"]
-    assert section["config"]["experts"] == EXPERT_NAMES and section["config"]["fallback"] == "uniform"
-    assert section["config"]["feature_layer"] == 1 and section["config"]["hidden"] == 16
-    assert section["train"]["heldout_accuracy"] >= 0.95
+    assert ROUTER in manifest.files
+    section = manifest.router
+    assert section.config["experts"] == EXPERT_NAMES and section.config["fallback"] == "uniform"
+    assert section.config["feature_layer"] == 1 and section.config["hidden"] == 16
+    assert section.train["heldout_accuracy"] >= 0.95
     assert load_router(artifact_copy, manifest).config.fallback == "uniform"
 
 
 def test_router_artifact_verifies_and_tampering_is_detected(routed_artifact, routed_copy):
     manifest = verify_artifact(routed_artifact)
-    assert ROUTER in manifest["files"] and manifest["router"]["config"]["feature_layer"] == 1
-    assert set(manifest["router"]) == {"config", "train"}
+    assert ROUTER in manifest.files and manifest.router.config["feature_layer"] == 1
+    assert manifest.router.train["heldout_accuracy"] >= 0.95
     blob = bytearray((routed_copy / ROUTER).read_bytes())
     blob[-1] ^= 0x01
     (routed_copy / ROUTER).write_bytes(bytes(blob))
@@ -263,12 +262,12 @@ def test_router_artifact_verifies_and_tampering_is_detected(routed_artifact, rou
 
 
 def test_load_router_rejects_mismatched_experts(routed_artifact):
-    manifest = json.loads((routed_artifact / "manifest.json").read_text())
-    manifest["router"]["config"]["experts"] = ["math", "chat", "code"]
+    manifest = read_manifest(routed_artifact)
+    manifest.router.config["experts"] = ["math", "chat", "code"]
     with pytest.raises(ArtifactError, match="router.safetensors.*differ"):
         load_router(routed_artifact, manifest)
-    manifest["router"]["config"]["experts"] = EXPERT_NAMES
-    manifest["router"]["config"]["hidden"] = 64
+    manifest.router.config["experts"] = EXPERT_NAMES
+    manifest.router.config["hidden"] = 64
     with pytest.raises(ArtifactError, match="router.safetensors.*does not match"):
         load_router(routed_artifact, manifest)
-    assert load_router(routed_artifact, {"experts": [], "router": None}) is None
+    assert load_router(routed_artifact, manifest.model_copy(update={"router": None})) is None

@@ -10,8 +10,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from server.errors import InternalError
+from twin.artifact import read_manifest
 from twin.generate import encode_prompt
-from tests.conftest import app_client, live_server, read_manifest_json
+from tests.conftest import app_client, live_server
 
 from .helpers import (
     TASK_PROMPTS,
@@ -270,8 +271,7 @@ def test_backbone_mode_ignores_experts(routed_artifact, lowrank_outputs):
 
 
 def test_expert_mode_serves_the_dense_expert(routed_artifact):
-    manifest = read_manifest_json(routed_artifact)
-    source = {e["name"]: e["source"] for e in manifest["experts"]}
+    source = {e.name: e.source for e in read_manifest(routed_artifact).experts}
     with app_client(routed_artifact, mode="expert") as client:
         tok = client.app.state.artifact.tokenizer
         r = client.post("/v1/completions", json={"model": "tiny:code", "prompt": P["math"][0], "max_tokens": 10,

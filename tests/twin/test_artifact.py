@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from twin import artifact as art
 from twin.artifact import (
@@ -27,6 +28,7 @@ from twin.artifact import (
     update_artifact,
     verify_artifact,
 )
+from twin.manifest import Manifest, RouterSection
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
@@ -42,15 +44,15 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def test_built_artifact_verifies_and_lists_every_file(tiny_artifact):
     manifest = verify_artifact(tiny_artifact)
-    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    assert manifest.format == FORMAT and manifest.format_version == FORMAT_VERSION == 2
     on_disk = sorted(str(p.relative_to(tiny_artifact)) for p in tiny_artifact.rglob("*")
                      if p.is_file() and p.name != MANIFEST)
-    assert sorted(manifest["files"]) == on_disk
+    assert sorted(manifest.files) == on_disk
     assert {BACKBONE, EXCLUSIVE, REPORT, "tokenizer/tokenizer.json"} <= set(on_disk)
-    for rel, meta in manifest["files"].items():
+    for rel, meta in manifest.files.items():
         f = tiny_artifact / rel
-        assert meta["bytes"] == f.stat().st_size
-        assert meta["sha256"] == sha256_file(f)
+        assert meta.bytes == f.stat().st_size
+        assert meta.sha256 == sha256_file(f)
     assert read_manifest(tiny_artifact) == manifest
     assert "build" in read_report(tiny_artifact)
 
@@ -107,14 +109,60 @@ def test_manifest_without_backbone_entry_is_rejected(artifact_copy):
         verify_artifact(artifact_copy)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", "2", None, True])
 def test_other_format_version_is_rejected(artifact_copy, version):
     m = json.loads((artifact_copy / MANIFEST).read_text())
     m["format_version"] = version
     (artifact_copy / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="format_version") as ei:
         verify_artifact(artifact_copy)
-    assert "rebuild" in str(ei.value)
+    assert "rebuild" in str(ei.value) and repr(version) in str(ei.value) and MANIFEST in str(ei.value)
+
+
+def _as_v1(artifact: Path) -> dict:
+    """Rewrite a built manifest as format version 1 wrote it: no factor_dtype / quant_error / parity fields."""
+    m = json.loads((artifact / MANIFEST).read_text())
+    for key in ("parity", "skip_parity", "untied_head", "tokenizer", "synthetic"):
+        m.pop(key)
+    for info in m["tensors"].values():
+        info.pop("factor_dtype")
+        info.pop("quant_error")
+    m["format_version"] = 1
+    m["zoo_fingerprint"] = "0123456789abcdef"
+    (artifact / MANIFEST).write_text(json.dumps(m))
+    return m
+
+
+def test_version_1_artifact_still_loads_and_serves_the_same(artifact_copy, tiny_artifact):
+    from twin.artifact import load_exclusive
+
+    old = _as_v1(artifact_copy)
+    manifest = verify_artifact(artifact_copy)
+    assert manifest.format_version == 1 and manifest.expert_names == [e["name"] for e in old["experts"]]
+    assert manifest.tensors["model.norm.weight"].factor_dtype is None
+    lowrank, dense = load_exclusive(artifact_copy, manifest)
+    ref_lowrank, ref_dense = load_exclusive(tiny_artifact, verify_artifact(tiny_artifact))
+    for k, d in ref_lowrank.items():
+        assert torch.equal(lowrank[k].A_cat, d.A_cat) and torch.equal(lowrank[k].B_cat, d.B_cat)
+    assert all(torch.equal(dense[k], d) for k, d in ref_dense.items())
+    # an update rewrites it at the current version
+    assert update_artifact(artifact_copy, {"notes.txt": "x"}).format_version == FORMAT_VERSION
+    assert json.loads((artifact_copy / MANIFEST).read_text())["format_version"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("experts", [{"name": "math", "bogus": 1}], "experts.0.bogus"),
+    ("tensors", {"w": {"shape": [2, 2], "kind": "sparse"}}, "tensors.w.kind"),
+    ("architecture", None, "architecture"),
+    ("surprise", 1, "surprise"),
+])
+def test_invalid_manifest_field_is_named(artifact_copy, field, value, named):
+    m = json.loads((artifact_copy / MANIFEST).read_text())
+    m[field] = value
+    (artifact_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="invalid manifest field") as ei:
+        verify_artifact(artifact_copy)
+    assert named in str(ei.value) and MANIFEST in str(ei.value)
 
 
 def test_wrong_format_and_broken_manifest_are_rejected(artifact_copy):
@@ -156,26 +204,34 @@ def test_update_adds_a_file_and_hard_links_the_rest(artifact_copy):
     before = {rel: (artifact_copy / rel).stat().st_ino for rel in (BACKBONE, EXCLUSIVE, "tokenizer/tokenizer.json")}
     backbone_bytes = (artifact_copy / BACKBONE).read_bytes()
     router = os.urandom(256)
+    section = {"config": {"experts": ["math", "code", "chat"]}, "train": {"heldout_accuracy": 1.0}}
     manifest = update_artifact(artifact_copy, {"router.safetensors": router, REPORT: '{"eval": 1}'},
-                               manifest_update={"router": {"kind": "test", "experts": 3}})
+                               manifest_update={"router": section})
     assert verify_artifact(artifact_copy) == manifest
-    assert manifest["router"] == {"kind": "test", "experts": 3}
-    assert manifest["files"]["router.safetensors"]["bytes"] == 256
+    assert manifest.router == RouterSection(**section)
+    assert manifest.files["router.safetensors"].bytes == 256
     assert (artifact_copy / "router.safetensors").read_bytes() == router
     assert read_report(artifact_copy) == {"eval": 1}
     # unchanged files were hard-linked, not copied (same inode), content identical
     for rel, ino in before.items():
         assert (artifact_copy / rel).stat().st_ino == ino, rel
     assert (artifact_copy / BACKBONE).read_bytes() == backbone_bytes
-    assert manifest["architecture"] == "LlamaForCausalLM"  # rest of the manifest kept
+    assert manifest.architecture == "LlamaForCausalLM"  # rest of the manifest kept
     assert leftovers(artifact_copy.parent, artifact_copy.name) == []
 
 
 def test_update_can_add_files_in_new_and_existing_subdirs(artifact_copy):
     manifest = update_artifact(artifact_copy, {"eval/results.json": '{"acc": 0.5}', "tokenizer/extra.txt": b"x"})
     assert json.loads((artifact_copy / "eval" / "results.json").read_text()) == {"acc": 0.5}
-    assert manifest["files"]["tokenizer/extra.txt"]["bytes"] == 1
-    assert "eval/results.json" in verify_artifact(artifact_copy)["files"]
+    assert manifest.files["tokenizer/extra.txt"].bytes == 1
+    assert "eval/results.json" in verify_artifact(artifact_copy).files
+
+
+def test_update_with_an_invalid_field_is_refused_and_changes_nothing(artifact_copy):
+    before = snapshot(artifact_copy)
+    with pytest.raises(ArtifactError, match="router"):
+        update_artifact(artifact_copy, {"x.txt": "x"}, {"router": {"train": {}}})  # no config
+    assert snapshot(artifact_copy) == before
 
 
 def test_update_replaces_linked_file_without_touching_the_original_inode(artifact_copy, tmp_path):
@@ -244,10 +300,10 @@ def test_finalize_manifest_records_nested_files(tmp_path):
     (tmp_path / "sub" / "x.bin").write_bytes(b"abc")
     (tmp_path / BACKBONE).write_bytes(b"")
     (tmp_path / EXCLUSIVE).write_bytes(b"12")
-    m = finalize_manifest(tmp_path, {"experts": []})
-    assert m["format"] == FORMAT and m["format_version"] == FORMAT_VERSION
-    assert m["files"]["sub/x.bin"] == {"bytes": 3, "sha256": sha256_file(tmp_path / "sub" / "x.bin")}
-    assert MANIFEST not in m["files"]
+    m = finalize_manifest(tmp_path, Manifest(architecture="LlamaForCausalLM", config={}))
+    assert m.format == FORMAT and m.format_version == FORMAT_VERSION
+    assert m.files["sub/x.bin"].model_dump() == {"bytes": 3, "sha256": sha256_file(tmp_path / "sub" / "x.bin")}
+    assert MANIFEST not in m.files
     assert verify_artifact(tmp_path) == m
     shutil.rmtree(tmp_path / "sub")
     with pytest.raises(ArtifactError, match="x.bin: missing"):

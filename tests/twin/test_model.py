@@ -136,14 +136,14 @@ def materialised_state(artifact, w: torch.Tensor) -> dict[str, torch.Tensor]:
     manifest = read_manifest(artifact)
     backbone = load_file(str(artifact / BACKBONE))
     exclusive = load_file(str(artifact / EXCLUSIVE))
-    names = [e["name"] for e in manifest["experts"]]
+    names = manifest.expert_names
     state = {}
     for key, t in backbone.items():
         t = t.float().clone()
-        info = manifest["tensors"].get(key)
+        info = manifest.tensors.get(key)
         if info is not None:
             for wt, name in zip(w.tolist(), names):
-                if info["kind"] == "lowrank":
+                if info.kind == "lowrank":
                     t += wt * (exclusive[exclusive_key(key, name, "B")] @ exclusive[exclusive_key(key, name, "A")])
                 else:
                     t += wt * exclusive[exclusive_key(key, name, "delta")]
