@@ -1,6 +1,6 @@
 """`twinserve eval`: greedy exact match per task for experts, base, static merges and Twin.
 
-Static merges (task_arithmetic, ties, dare) get their λ searched on the validation split, as the
+Static merges (task_arithmetic, ties, dare_ties) get their λ searched on the validation split, as the
 papers do, so the comparison with Twin is fair. Twin runs through the batched activation-side
 path with every prompt of every task mixed in the same batches.
 """
@@ -26,9 +26,9 @@ from zoo.tasks import read_jsonl
 BASELINE_GRID = {
     "task_arithmetic": [{"lam": x} for x in (0.3, 0.5, 0.7, 1.0)],
     "ties": [{"lam": x, "density": 0.2} for x in (0.5, 1.0, 1.5)],
-    "dare": [{"lam": x, "drop_p": 0.5} for x in (0.3, 0.5, 1.0)],
+    "dare_ties": [{"lam": x, "density": 0.5} for x in (0.3, 0.5, 1.0)],
 }
-METHODS = ("expert", "base", "task_arithmetic", "ties", "dare", "twin_oracle", "twin_router")
+METHODS = ("expert", "base", "task_arithmetic", "ties", "dare_ties", "twin_oracle", "twin_router")
 
 
 class EvalError(ValueError):
@@ -99,7 +99,7 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
     def dense_model(state):
         return build_model(art.config, state, None, "cpu", torch.float32, with_experts=False)
 
-    need_dense = {"expert", "base", "task_arithmetic", "ties", "dare"} & set(methods)
+    need_dense = {"expert", "base", "task_arithmetic", "ties", "dare_ties"} & set(methods)
     if need_dense:
         base_state = load_model_state(m.base)
         lazy = LazyState(m.base)
@@ -116,7 +116,7 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
     if "base" in methods:
         with console.status("base"):
             results["base"] = score_model(dense_model(base_state), art.tokenizer, test)
-    for method in ("task_arithmetic", "ties", "dare"):
+    for method in ("task_arithmetic", "ties", "dare_ties"):
         if method not in methods:
             continue
         best = None

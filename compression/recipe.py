@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MergeName = Literal["task_arithmetic", "ties", "dare", "average"]
+MergeName = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+                    "average"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -25,15 +26,38 @@ class ExpertSpec(_Strict):
                       description="expert id used in routing and in the API (letters, digits, _ . -)")
     path: str = Field(min_length=1, description="HF model dir (full fine-tune) or PEFT LoRA adapter dir")
     description: str = ""
+    weight: float = Field(1.0, allow_inf_nan=False, description="w_t in the backbone merge (mergekit: weight)")
+    density: float | None = Field(None, gt=0.0, le=1.0,
+                                  description="this expert's density; default: merge.density (mergekit: density)")
 
 
 class MergeSpec(_Strict):
+    """The backbone merge, with mergekit's names and semantics (merge_method parameters of mergekit 0.1.5).
+
+    ``lambda`` is also accepted as ``lam``. ``normalize`` / ``rescale`` left unset take the method's
+    mergekit default (ties: normalize; dare_*: rescale to the L1 norm).
+    """
     method: MergeName = "ties"
-    lam: float = Field(1.0, gt=0.0, le=10.0, description="scale λ applied to the merged task vector")
-    density: float = Field(0.2, gt=0.0, le=1.0, description="ties: fraction of entries kept per task vector")
-    drop_p: float = Field(0.9, ge=0.0, lt=1.0, description="dare: drop probability p")
-    dare_base: Literal["task_arithmetic", "ties"] = "task_arithmetic"
-    seed: int = 0
+    lam: float = Field(1.0, gt=0.0, le=10.0, validation_alias=AliasChoices("lambda", "lam"),
+                       serialization_alias="lambda", description="scale λ applied to the merged task vector")
+    density: float = Field(0.2, gt=0.0, le=1.0,
+                           description="ties/dare/breadcrumbs: fraction of entries kept per task vector")
+    normalize: bool | None = Field(None, description="divide by the (agreeing) experts' summed weights")
+    rescale: bool | None = Field(None, description="rescale sparsified task vectors to their L1 norm")
+    consensus: Literal["sum", "count"] = Field("sum", description="sign election: summed mass or vote count")
+    gamma: float = Field(0.01, ge=0.0, lt=1.0, description="breadcrumbs: fraction of largest entries dropped")
+    int8_mask: bool = Field(False, description="mergekit's mask dtype; accepted, the result is the same")
+    base_weight: float = Field(0.0, allow_inf_nan=False,
+                               description="linear: weight of the base model itself in the weighted sum")
+    seed: int = Field(0, description="dare: seed of the per-tensor drop masks")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_dare(cls, data):
+        if isinstance(data, dict) and (data.get("method") == "dare" or "drop_p" in data or "dare_base" in data):
+            raise ValueError("method 'dare' with drop_p/dare_base was replaced by mergekit's dare_linear and "
+                             "dare_ties: set method: dare_linear or dare_ties and density: 1 - drop_p")
+        return data
 
 
 class RankPolicy(_Strict):
@@ -84,6 +108,19 @@ class Recipe(_Strict):
             raise ValueError(f"duplicate expert names: {', '.join(dup)}")
         return experts
 
+    @model_validator(mode="after")
+    def _weights_can_be_normalised(self) -> Recipe:
+        if (self.merge.method == "average" or (self.merge.method == "linear" and self.merge.normalize is not False)) \
+                and sum(e.weight for e in self.experts) + self.merge.base_weight == 0:
+            raise ValueError("experts: the weights sum to 0, so the normalised merge is undefined")
+        return self
+
+    def merge_options(self) -> dict:
+        """The flat merge parameters for ``compression.merging.merge_params``, with the per-expert
+        weights and densities (None: merge.density) in expert order."""
+        return {**self.merge.model_dump(exclude={"method"}), "weights": [e.weight for e in self.experts],
+                "densities": [e.density for e in self.experts]}
+
     def resolve(self, root: Path) -> Recipe:
         """Return a copy whose relative paths are resolved against ``root`` (the recipe's folder)."""
         def r(p: str | None) -> str | None:
@@ -103,6 +140,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """A twinserve recipe or a mergekit config (detected by its ``merge_method`` key), YAML or JSON,
+    with relative paths resolved against the file's folder. Raises RecipeError naming the field."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
@@ -113,6 +152,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"cannot parse recipe {path}: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: top level must be a mapping")
+    if "merge_method" in data:
+        from .mergekit import recipe_from_mergekit
+
+        return recipe_from_mergekit(data, path)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -121,4 +164,4 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False))

@@ -1,22 +1,32 @@
-"""DARE: drop each entry of τ_t with probability p, rescale survivors by 1/(1−p), then merge."""
+"""DARE (arXiv 2311.03099) as mergekit's ``dare_linear`` / ``dare_ties``: keep each entry of τ_t with
+probability density_t, rescale the survivors to τ_t's L1 norm (``rescale``), then sum (linear) or
+elect signs and mix (ties). No magnitude trim follows the random drop.
+
+The drop mask comes from a seeded generator (one stream per tensor, see ``merge_tensor``), so a build
+is reproducible; mergekit draws from torch's global RNG, so masks at density < 1 match it in
+distribution, not entry by entry.
+"""
+from __future__ import annotations
+
 import torch
 
-from .task_arithmetic import task_arithmetic_merge
-from .ties import ties_merge
+from .consensus import Consensus, mix
+from .sparsify import bernoulli
 
 
-def dare_drop(task_vectors: torch.Tensor, drop_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    if drop_p <= 0.0:
-        return task_vectors.clone()
-    keep = torch.rand(task_vectors.shape, generator=generator) >= drop_p
-    return task_vectors * keep.to(task_vectors.dtype) / (1.0 - drop_p)
-
-
-def dare_merge(task_vectors: torch.Tensor, drop_p: float = 0.9, lam: float = 1.0, dare_base: str = "task_arithmetic",
-               density: float = 0.2, seed: int = 0) -> torch.Tensor:
-    """task_vectors: (T, *shape). ``dare_base`` picks the merge applied after drop-and-rescale."""
+def _drop(task_vectors: torch.Tensor, densities: list[float], rescale: bool, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    dropped = dare_drop(task_vectors, drop_p, g)
-    if dare_base == "ties":
-        return ties_merge(dropped, density=density, lam=lam)
-    return task_arithmetic_merge(dropped, lam=lam)
+    return torch.stack([bernoulli(tv, d, rescale, g) for tv, d in zip(task_vectors, densities)])
+
+
+def dare_linear_merge(task_vectors: torch.Tensor, weights: torch.Tensor, densities: list[float], lam: float = 1.0,
+                      normalize: bool = False, rescale: bool = True, seed: int = 0) -> torch.Tensor:
+    """task_vectors: (T, *shape), weights: (T,), densities: T floats -> λ · Σ_t w_t DARE(τ_t)."""
+    return mix(_drop(task_vectors, densities, rescale, seed), weights, None, normalize, lam)
+
+
+def dare_ties_merge(task_vectors: torch.Tensor, weights: torch.Tensor, densities: list[float], lam: float = 1.0,
+                    normalize: bool = False, rescale: bool = True, consensus: Consensus = "sum",
+                    seed: int = 0) -> torch.Tensor:
+    """task_vectors: (T, *shape), weights: (T,), densities: T floats -> sign-elected mix of DARE(τ_t)."""
+    return mix(_drop(task_vectors, densities, rescale, seed), weights, consensus, normalize, lam)

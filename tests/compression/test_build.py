@@ -283,13 +283,13 @@ def test_bfloat16_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path, states):
 
 def test_dare_build_is_reproducible_and_matches_merge_state(tiny_base_dir, tiny_expert_dirs, tmp_path, states):
     base, experts = states
-    merge = {"method": "dare", "drop_p": 0.5, "lam": 0.5, "seed": 3}
+    merge = {"method": "dare_linear", "density": 0.5, "lam": 0.5, "seed": 3}
     a = build_tiny_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path / "a", merge=merge, rank={"rank": 1})
     b = build_tiny_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path / "b", merge=merge, rank={"rank": 1})
     assert (a / BACKBONE).read_bytes() == (b / BACKBONE).read_bytes()
     backbone = load_file(str(a / BACKBONE))
-    p = merge_params("dare", drop_p=0.5, lam=0.5, seed=3)
-    expected = merge_state(base, [experts[n] for n in EXPERT_NAMES], "dare", **p)
+    p = merge_params("dare_linear", density=0.5, lam=0.5, seed=3)
+    expected = merge_state(base, [experts[n] for n in EXPERT_NAMES], "dare_linear", **p)
     for name, w in expected.items():
         assert_close(backbone[name], w, atol=1e-7, rtol=0)
     ta = merge_state(base, [experts[n] for n in EXPERT_NAMES], "task_arithmetic", lam=0.5)
