@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU")
+    prepack: bool = Field(True, description="CPU: reorder linear weights once into oneDNN's layout when "
+                          "max_batch_size >= 4 (measured 2.7x per matmul at batch 16; 0.9x at batch 1, so not "
+                          "below 4)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="rows in the running decode batch")
     max_tokens_per_step: int = Field(4096, ge=16, description="prompt tokens prefilled per engine step")

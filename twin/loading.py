@@ -87,13 +87,18 @@ def build_model(config: PretrainedConfig, state: dict, manifest: Manifest | None
 
 def load_artifact(path: str | Path, device: str = "auto", dtype: str = "auto", verify: bool = True,
                   with_experts: bool = True, backend: str = "transformers",
-                  expert_reader: Callable | None = None) -> LoadedArtifact:
-    """Verify (checksums) and load an artifact. Raises ArtifactError naming the bad file."""
+                  expert_reader: Callable | None = None, prepack_batch: int | None = None) -> LoadedArtifact:
+    """Verify (checksums) and load an artifact. Raises ArtifactError naming the bad file.
+
+    ``prepack_batch``: reorder the linear weights for this batch size on CPU (None: keep them dense).
+    """
     path = Path(path)
     manifest = verify_artifact(path) if verify else read_manifest(path)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     config = config_from_manifest(manifest)
     model = build_model(config, load_tensors(path, BACKBONE), manifest, dev, dt, with_experts, path, backend)
+    if prepack_batch and hasattr(model, "prepack"):
+        model.prepack(prepack_batch)   # CPU oneDNN layout for the linears (twin.model.hf.PackedLinear)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
     return LoadedArtifact(path, manifest, config, model, tokenizer, expert_reader)

@@ -118,3 +118,24 @@ def test_greedy_http_equals_transformers_generate(family, family_artifacts):
                                                  "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize("family", ["llama-gqa-llama3rope", "qwen2-sliding", "gemma2", "phi3", "gpt2"])
+def test_prepacked_weights_give_the_same_logits(family, family_artifacts):
+    from twin.model.hf import can_prepack
+
+    art_dir, _, _ = family_artifacts(family)
+    plain = load_artifact(art_dir, device="cpu", dtype="float32")
+    packed = load_artifact(art_dir, device="cpu", dtype="float32")
+    if not can_prepack(packed.model.device, packed.model.dtype):
+        pytest.skip("no oneDNN on this CPU build of torch")
+    n = packed.model.prepack(batch_hint=4)
+    assert n > 0 or family == "gpt2"          # GPT-2's projections are Conv1D: nothing to pack
+    seqs = [plain.tokenizer.encode(p) for p in PROMPTS]
+    w = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
+    for a, b in zip(run(plain.model, seqs, w), run(packed.model, seqs, w)):
+        assert float((a - b).abs().max()) <= TOL
+    # the reference path unpacks exactly
+    state_a, state_b = plain.model.backbone_state(), packed.model.backbone_state()
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
