@@ -26,9 +26,9 @@ log = logging.getLogger("twinserve")
 def load_state(app: FastAPI, settings: Settings) -> None:
     """Blocking: verify and load the artifact, router, metrics, engine; attach them to app.state."""
     from router.model import load_router
+    from twin.loading import load_artifact
 
     from .engine import Engine
-    from twin.loading import load_artifact
     from .metrics import Metrics
     from .service import Service
 

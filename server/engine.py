@@ -26,12 +26,12 @@ import torch
 
 from router.features import pooled_features
 from router.model import Router
+from twin.generate import length_buckets
+from twin.loading import LoadedArtifact
+from twin.model import TwinModel
 
 from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
-from twin.loading import LoadedArtifact
 from .metrics import Metrics
-from twin.model import TwinModel
-from twin.generate import length_buckets
 from .sampling import (
     SamplingParams,
     TokenLogprob,
@@ -73,6 +73,7 @@ class Request:
     read_offset: int = 0     # is already in text and gives the next token its context
     next_token: int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)   # not yet emitted (params.logprobs set)
+    ended_on_eos: bool = False   # the eos token counts as a completion token, as in the OpenAI API
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     admitted_at: float | None = None
@@ -346,6 +347,7 @@ class Engine:
                 self.metrics.ttft.observe(now - r.arrival)
             if tok in self.eos_ids and not r.params.ignore_eos:
                 self._detokenize(r, final=True)   # held-back bytes of a partial character are output too
+                r.ended_on_eos = True
                 if rec is not None:  # the eos token is reported (clients such as lm-eval count on it)
                     rec.offset = len(r.text)
                     r.logprobs.append(rec)
@@ -403,7 +405,7 @@ class Engine:
             self._emit_text(req, len(req.text))
         e2e = now - req.arrival
         self.metrics.e2e.observe(e2e)
-        n = len(req.generated)
+        n = len(req.generated) + req.ended_on_eos
         if n > 1 and req.first_token_at is not None:
             self.metrics.tpot.observe((now - req.first_token_at) / (n - 1))
         self.metrics.record_done(None if req.first_token_at is None else req.first_token_at - req.arrival, e2e)

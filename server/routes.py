@@ -5,6 +5,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,10 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .errors import APIError, Unauthorized
 from .protocol import (
     ChatChoice,
+    ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatChunkChoice,
     ChatDelta,
     ChatLogprobs,
     ChatResponseMessage,
@@ -44,6 +45,9 @@ router = APIRouter()
 
 def service(request: Request) -> Service:
     return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(service)]
 
 
 async def check_api_key(request: Request) -> None:
@@ -110,7 +114,7 @@ async def _stream(svc: Service, call: Call, http: Request, chat: bool, model: st
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS,
              dependencies=[Depends(check_api_key)], tags=["openai"])
-async def completions(body: CompletionRequest, http: Request, svc: Service = Depends(service)):
+async def completions(body: CompletionRequest, http: Request, svc: ServiceDep):
     call = svc.completion_call(body)
     if body.stream:
         return await _stream(svc, call, http, False, body.model, body.include_usage)
@@ -126,7 +130,7 @@ async def completions(body: CompletionRequest, http: Request, svc: Service = Dep
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS,
              dependencies=[Depends(check_api_key)], tags=["openai"])
-async def chat_completions(body: ChatCompletionRequest, http: Request, svc: Service = Depends(service)):
+async def chat_completions(body: ChatCompletionRequest, http: Request, svc: ServiceDep):
     call = svc.chat_call(body)
     if body.stream:
         return await _stream(svc, call, http, True, body.model, body.include_usage)
@@ -141,7 +145,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, svc: Serv
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, dependencies=[Depends(check_api_key)],
              tags=["tokenizer"])
-async def tokenize(body: TokenizeRequest, svc: Service = Depends(service)):
+async def tokenize(body: TokenizeRequest, svc: ServiceDep):
     """Token ids as the server counts them (vLLM's shape); ``messages`` are rendered with the chat template."""
     if body.model is not None:
         svc.check_model(body.model)
@@ -155,7 +159,7 @@ async def tokenize(body: TokenizeRequest, svc: Service = Depends(service)):
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS,
              dependencies=[Depends(check_api_key)], tags=["tokenizer"])
-async def detokenize(body: DetokenizeRequest, svc: Service = Depends(service)):
+async def detokenize(body: DetokenizeRequest, svc: ServiceDep):
     if body.model is not None:
         svc.check_model(body.model)
     svc.check_ids(body.tokens, "tokens")
@@ -164,7 +168,7 @@ async def detokenize(body: DetokenizeRequest, svc: Service = Depends(service)):
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(check_api_key)],
             tags=["openai"])
-async def models(http: Request, svc: Service = Depends(service)):
+async def models(http: Request, svc: ServiceDep):
     created = http.app.state.created
     return {"object": "list", "data": [ModelCard(id=m, created=created) for m in svc.model_ids()]}
 

@@ -8,8 +8,18 @@ import torch
 
 from .specs import SamplingParams
 
-__all__ = ["SamplingParams", "TokenLogprob", "adjust_logits", "sampling_logprobs", "sample_rows",
-           "prompt_logprobs", "make_generator", "find_stop", "safe_prefix_len", "detokenize_step"]
+__all__ = [
+    "SamplingParams",
+    "TokenLogprob",
+    "adjust_logits",
+    "detokenize_step",
+    "find_stop",
+    "make_generator",
+    "prompt_logprobs",
+    "safe_prefix_len",
+    "sample_rows",
+    "sampling_logprobs",
+]
 
 # OpenAI and vLLM report -9999.0 for a token of probability 0; JSON has no -inf.
 MIN_LOGPROB = -9999.0
