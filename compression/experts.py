@@ -9,7 +9,7 @@ from compression.checkpoints import LazyState, load_config, open_expert
 def read_expert_state(manifest, t: int) -> dict[str, torch.Tensor]:
     """θ_t under HF names, every tensor of the base (a PEFT adapter is merged into its base here).
 
-    ``manifest`` is the artifact's manifest: its base and expert sources are local paths.
+    ``manifest`` is the artifact's Manifest: its base and expert sources are local paths.
     """
     from compression.build import CheckpointSources
 
