@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(fn=cmd_zoo)
 
     b = sub.add_parser("build", help="recipe (YAML/JSON) -> artifact: merge, exclusive deltas, truncated SVD")
-    b.add_argument("recipe", help="recipe file (see deploy/recipes/)")
+    b.add_argument("recipe", help="recipe file (see deploy/recipes/) or a mergekit config (merge_method: ...)")
     b.add_argument("-o", "--output", required=True, help="artifact directory (written atomically)")
     b.add_argument("--rank", type=positive_int, default=None, help="override the recipe's fixed rank")
     b.add_argument("--skip-parity", action="store_true",
