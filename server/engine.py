@@ -373,7 +373,7 @@ class Engine:
                     self._emit_text(r, safe)
 
     def _emit_text(self, r: Request, upto: int) -> None:
-        """Send text[sent:upto] with the logprobs of the tokens that starts before ``upto``."""
+        """Send text[sent:upto] with the logprobs of the tokens that start before ``upto``."""
         n = sum(1 for rec in r.logprobs if rec.offset is not None and rec.offset < upto)
         if upto == len(r.text):
             n = len(r.logprobs)

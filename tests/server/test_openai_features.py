@@ -5,6 +5,7 @@ direct forward pass of the served model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import random
 import socket
@@ -362,3 +363,31 @@ def test_detokeniser_flushes_at_every_finish_reason(routed_artifact, case):
     assert res["finish_reason"] == ("stop" if "eos" in case else "length")
     assert res["completion_tokens"] == len(ids) + ("eos" in case)      # <eos> counts, as in the OpenAI API
     assert res["text"] == bpe.decode(ids)
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+
+def test_openapi_shows_every_accepted_field(app):
+    schema = app.get("/openapi.json").json()
+    comps = schema["components"]["schemas"]
+    completion = comps["CompletionRequest"]["properties"]
+    forms = {json_type(x) for x in completion["prompt"]["anyOf"]}
+    assert forms == {"string", "array<string>", "array<integer>", "array<array<integer>>"}
+    for name in ("echo", "logprobs", "n", "best_of", "logit_bias", "presence_penalty", "frequency_penalty",
+                 "seed", "stop", "stream_options", "twin", "top_k"):
+        assert name in completion, name
+    assert {"type": "null"} in completion["temperature"]["anyOf"]           # nullable as the spec has it
+    chat = comps["ChatCompletionRequest"]["properties"]
+    for name in ("messages", "logprobs", "top_logprobs", "response_format", "max_completion_tokens", "n"):
+        assert name in chat, name
+    assert "TextPart" in json.dumps(comps["ChatMessage"]["properties"]["content"])
+    assert {"/tokenize", "/detokenize"} <= set(schema["paths"])
+    ok = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/CompletionResponse")
+    assert "text_offset" in comps["CompletionLogprobs"]["properties"]
+
+
+def json_type(s: dict) -> str:
+    if s.get("type") == "array":
+        return f"array<{json_type(s['items'])}>"
+    return s["type"]
