@@ -5,8 +5,8 @@ direct forward pass of the served model."""
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 import random
 import socket
 import time
