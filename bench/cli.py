@@ -20,9 +20,11 @@ import torch
 from rich.console import Console
 
 from .report import check_targets, compute_ratios, print_ratios, print_runs, write_json_atomic
+from .peers import PEER_MODES
 from .runner import MODES, ArtifactBench, bench_artifact, peak_rss_bytes
 from .synthetic import SyntheticSpec, build_synthetic_artifact
 
+ALL_MODES = MODES + PEER_MODES     # peers run on the synthetic artifact only, at the ratio batch size
 DEFAULTS = {"requests": 64, "batch_sizes": [1, 8, 16], "max_tokens": 16, "serial_requests": 16, "min_seconds": 3.0}
 QUICK = {"requests": 8, "batch_sizes": [1, 4], "max_tokens": 4, "serial_requests": 8, "min_seconds": 0.0}
 SYNTHETIC_LABEL = "synthetic"
@@ -55,17 +57,17 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 def parse_modes(text: str | None) -> tuple[str, ...]:
     if not text:
-        return MODES
+        return ALL_MODES
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
-        raise _usage_error(f"--modes: unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(MODES)})")
-    return tuple(m for m in MODES if m in modes)   # canonical order
+        raise _usage_error(f"--modes: unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(ALL_MODES)})")
+    return tuple(m for m in ALL_MODES if m in modes)   # canonical order
 
 
 def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = False, requests: int | None = None,
               batch_sizes: list[int] | None = None, max_tokens: int | None = None,
-              modes: tuple[str, ...] = MODES, tasks: str | Path | None = None, quick: bool = False,
+              modes: tuple[str, ...] = ALL_MODES, tasks: str | Path | None = None, quick: bool = False,
               threads: int | None = None, synthetic_dir: str | Path | None = None,
               serial_requests: int | None = None, min_seconds: float | None = None,
               console: Console | None = None, backend: str = "transformers") -> dict:
@@ -94,6 +96,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         label = Path(artifact).resolve().name or "artifact"
         if label == SYNTHETIC_LABEL:
             label += "-artifact"
+    ratio_batch = 16 if 16 in batch_sizes else max(batch_sizes)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -118,19 +121,21 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
                                         f"{spec.hidden_size}, {spec.num_experts} experts, rank {spec.rank})"):
                         build_synthetic_artifact(path, spec)
                     log(f"synthetic artifact built in {time.perf_counter() - t:.1f} s at {path}")
-                done.append(await bench_artifact(path, SYNTHETIC_LABEL, **kw))
+                done.append(await bench_artifact(path, SYNTHETIC_LABEL, peer_batch=ratio_batch, **kw))
         return done
 
     results = asyncio.run(bench_all())
     runs = [r.to_json() for res in results for r in res.runs]
-    ratio_batch = 16 if 16 in batch_sizes else max(batch_sizes)
     report: dict = {"runs": runs}
     by_label = {res.label: res for res in results}
     if SYNTHETIC_LABEL in by_label:
-        report["ratios"] = compute_ratios(runs, SYNTHETIC_LABEL, ratio_batch)
-        report["targets"] = check_targets(report["ratios"])
+        syn = by_label[SYNTHETIC_LABEL].info
+        report["ratios"] = compute_ratios(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("roofline"))
+        report["identity"] = syn["identity"]
+        report["targets"] = check_targets(report["ratios"], report["identity"])
     if label is not None:
         report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
+        report["demo_identity"] = by_label[label].info["identity"]
     report["config"] = {
         "requests": requests, "serial_requests": serial_requests, "batch_sizes": batch_sizes,
         "max_tokens": max_tokens, "modes": list(modes),
@@ -143,6 +148,10 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         "demo_artifact": label, "synthetic": spec.to_dict() if synthetic else None,
         "artifacts": {res.label: res.info for res in results},
         "equivalence": {res.label: res.info["equivalence"] for res in results if "equivalence" in res.info},
+        "peers": f"{', '.join(m for m in PEER_MODES if m in modes) or 'none'} on the synthetic artifact at batch "
+                 f"{ratio_batch}: transformers generate (greedy, no eos) in static batches of that size, left-padded, "
+                 "same prompts and max_tokens; peft_mixed = one LoRA adapter per expert (A_t, B_t, alpha = r), "
+                 "each row its task's adapter via adapter_names; memory_bytes = parameters (KV cache transient)",
         "skipped": [s for res in results for s in res.skipped],
         "memory_bytes": "distinct tensor storages held by the engine after the run: model weights, deltas, KV "
                         "cache, materialize/expert LRU models, router; rss_bytes = /proc/self/statm after the run "
@@ -195,7 +204,8 @@ def register(sub) -> argparse.ArgumentParser:
                    "concurrency (default 1,8,16)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="M",
                    help="tokens generated per request (default 16)")
-    p.add_argument("--modes", default=None, metavar="MODE,...", help=f"subset of {','.join(MODES)} (default all)")
+    p.add_argument("--modes", default=None, metavar="MODE,...",
+                   help=f"subset of {','.join(ALL_MODES)} (default all; peers: synthetic artifact only)")
     p.add_argument("--tasks", default=None, metavar="DIR", help="task splits DIR/TASK/test.jsonl (default: "
                    "tasks/ beside the artifact's base model; random-token prompts when there are none)")
     p.add_argument("--threads", type=int, default=None,

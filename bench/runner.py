@@ -12,6 +12,10 @@ Modes (bench name -> engine mode, routing):
   lowrank_top2   lowrank      RoutingSpec(top_k=2); explicit top-2 weights when there is no router
   materialize    materialize  router weights; the engine fuses a dense model per request (batch 1)
   expert         expert       dense expert checkpoints (argmax of the router weights; batch 1)
+
+Peers (bench/peers.py), on artifacts benched with ``peers=True`` (the synthetic one), at the ratio batch size:
+  hf_generate    transformers ``generate`` of θ*, static batches
+  peft_mixed     transformers + PEFT, one LoRA adapter per expert, each row its task's adapter (``adapter_names``)
 """
 from __future__ import annotations
 
@@ -97,12 +101,21 @@ class RunResult:
 
 # ---- artifacts --------------------------------------------------------------------------------------
 def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = True,
-                        backend: str = "transformers") -> LoadedArtifact:
-    """As ``server.app.load_state`` loads it on CPU/fp32 (backbone mode: ``with_experts=False``)."""
+                        backend: str = "transformers", prepack_batch: int | None = None) -> LoadedArtifact:
+    """As ``server.app.load_state`` loads it on CPU/fp32 (backbone mode: ``with_experts=False``).
+
+    ``prepack_batch``: what the server passes for its max_batch_size (oneDNN weight layout; None: dense).
+    """
     from compression.experts import read_expert_state
 
     return load_artifact(path, device="cpu", dtype="float32", verify=verify, with_experts=with_experts,
-                         backend=backend, expert_reader=read_expert_state)
+                         backend=backend, expert_reader=read_expert_state, prepack_batch=prepack_batch)
+
+
+def server_prepack_batch(batch_sizes: list[int]) -> int | None:
+    """The prepack batch a server with max_batch_size = the largest benched size uses (server.app.load_state)."""
+    b = max(batch_sizes)
+    return b if b >= 4 else None
 
 
 def expert_sources_available(art: LoadedArtifact) -> tuple[bool, str]:
@@ -160,6 +173,9 @@ def _module_tensors(module: torch.nn.Module):
     for m in module.modules():
         for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)):
             yield "weights", t
+        packed = getattr(m, "packed", None)      # oneDNN-prepacked linear weight (plain attribute)
+        if isinstance(packed, torch.Tensor):
+            yield "weights", packed
         for name in ("deltas", "bias_deltas"):
             d = getattr(m, name, None)
             if isinstance(d, LowRankDeltas):
@@ -183,12 +199,15 @@ def engine_memory(engine: Engine) -> tuple[int, dict]:
     def add(kind: str, t: torch.Tensor | None) -> None:
         if t is None:
             return
-        s = t.untyped_storage()
-        key = s.data_ptr()
-        if key in seen or s.nbytes() == 0:
+        if t.is_mkldnn:     # opaque layout: no storage to share or inspect
+            key, nbytes = id(t), t.numel() * t.element_size()
+        else:
+            s = t.untyped_storage()
+            key, nbytes = s.data_ptr(), s.nbytes()
+        if key in seen or nbytes == 0:
             return
         seen.add(key)
-        parts[kind] += s.nbytes()
+        parts[kind] += nbytes
 
     for kind, t in _module_tensors(engine.model):
         add(kind, t)
@@ -225,6 +244,20 @@ def one_hot_routing(names: list[str], expert: str) -> Callable[[Prompt], Routing
     w = torch.zeros(len(names))
     w[names.index(expert)] = 1.0
     return lambda p: RoutingSpec(weights=w.clone())
+
+
+def task_expert(task: str, names: list[str]) -> str:
+    """The expert a prompt of ``task`` is pinned to (pseudo-tasks of random workloads are expert names)."""
+    return task if task in names else names[abs(hash(task)) % len(names)]
+
+
+def task_routing(names: list[str]) -> Callable[[Prompt], RoutingSpec]:
+    """Each request pinned (one-hot) to its task's expert: the mix the PEFT peer serves with adapter_names."""
+    def spec(p: Prompt) -> RoutingSpec:
+        w = torch.zeros(len(names))
+        w[names.index(task_expert(p.task, names))] = 1.0
+        return RoutingSpec(weights=w)
+    return spec
 
 
 # ---- one engine run ---------------------------------------------------------------------------------
@@ -328,6 +361,47 @@ async def run_engine(art: LoadedArtifact, router, mode: str, batch_size: int, wo
     return result
 
 
+def run_peer(model, mode: str, batch_size: int, workload: Workload, max_tokens: int, pad_id: int,
+             names: list[str], label: str = "artifact", prompts: list[Prompt] | None = None,
+             min_seconds: float = 0.0, max_repeats: int = 5) -> RunResult:
+    """Time a transformers peer (bench.peers) on the mix exactly as ``run_engine`` times the engine.
+
+    Warm-up: one batch of the warm-up prompts (4 tokens). Timed: the prompts in consecutive static batches
+    of ``batch_size`` (the closed loop of ``batch_size`` clients, each request arriving when its batch
+    starts), repeated until ``min_seconds`` (at most ``max_repeats``); the median repetition is reported.
+    ``peft_mixed`` gives each request its task's adapter (``adapter_names``).
+    """
+    from bench.peers import PEER_MODES, model_memory_bytes, timed_generate
+
+    if mode not in PEER_MODES:
+        raise BenchError(f"unknown peer {mode!r} (known: {', '.join(PEER_MODES)})")
+    prompts = workload.prompts if prompts is None else prompts
+    mixed = mode == "peft_mixed"
+    adapters = lambda ps: [task_expert(p.task, names) for p in ps] if mixed else None   # noqa: E731
+    warm = (workload.warmup * (1 + batch_size // max(1, len(workload.warmup))))[:max(2, batch_size)]
+    timed_generate(model, [p.ids for p in warm], batch_size, min(max_tokens, 4), pad_id, adapters(warm))
+    reps = []
+    while not reps or (sum(r[0] for r in reps) < min_seconds and len(reps) < max_repeats):
+        reps.append(timed_generate(model, [p.ids for p in prompts], batch_size, max_tokens, pad_id,
+                                   adapters(prompts)))
+    wall, times, outs = sorted(reps, key=lambda r: r[0])[len(reps) // 2]
+    tokens = sum(len(o) for o in outs)
+    e2e = [done - start for start, _, done in times]
+    ttft = [first - start for start, first, _ in times if first is not None]
+    memory = model_memory_bytes(model)
+    return RunResult(artifact=label, mode=mode, batch_size=batch_size, requests=len(outs), tokens=tokens,
+                     seconds=wall, tokens_per_s=tokens / wall, requests_per_s=len(outs) / wall,
+                     p50_s=_pct(e2e, 50), p99_s=_pct(e2e, 99), ttft_p50_s=_pct(ttft, 50), memory_bytes=memory,
+                     rss_bytes=rss_bytes(), repeats=len(reps), memory_breakdown={"weights": memory},
+                     outputs=outs)
+
+
+def identical(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How many of the first min(len) greedy outputs are token-for-token equal."""
+    n = min(len(a), len(b))
+    return {"requests": n, "identical": sum(x == y for x, y in zip(a[:n], b[:n]))}
+
+
 def check_all_generated(result: RunResult, max_tokens: int) -> None:
     if result.tokens != result.requests * max_tokens or any(len(o) != max_tokens for o in result.outputs):
         raise BenchError(f"{result.artifact}/{result.mode}@{result.batch_size}: generated {result.tokens} tokens, "
@@ -416,21 +490,30 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                          requests: int, max_tokens: int, tasks: str | Path | None = None,
                          log: Callable[[str], None] = lambda s: None, equivalence_requests: int = 16,
                          serial_requests: int | None = 16, min_seconds: float = 0.0,
-                         backend: str = "transformers") -> ArtifactBench:
+                         backend: str = "transformers", peer_batch: int | None = None) -> ArtifactBench:
     """Every mode at every batch size (materialize/expert once, at batch 1) on one artifact.
 
     Batched modes are interleaved per batch size (backbone, lowrank, lowrank_top2 back to back) so a
     change in machine load hits them alike. Runs with concurrency 1 (batch 1, materialize, expert) take
     the first ``serial_requests`` prompts of the same mix: they are sequential, so their throughput does
-    not depend on how many requests there are, and they are by far the slowest to run. Also checks that lowrank and materialize give identical
-    greedy outputs for one pinned expert (a real equivalence of the two fusion paths).
+    not depend on how many requests there are, and they are by far the slowest to run.
+
+    ``peer_batch``: also run the transformers peers (``hf_generate``, ``peft_mixed`` when in ``modes``) and
+    the matmul roofline at that batch size, right after the engine's batched modes at that size.
+
+    Greedy-output identity checks (``info["identity"]``): lowrank and materialize for one pinned expert
+    (the two fusion paths), batch 1 against the largest batch per batched mode (same prompts), and the
+    peers against the engine (hf_generate vs backbone; peft_mixed vs lowrank with each request pinned to
+    its task's expert).
     """
     from bench.quality import EvalError
     from router.model import load_router
 
     t0 = time.perf_counter()
-    full = load_bench_artifact(path, with_experts=True, verify=True, backend=backend)
-    bb = load_bench_artifact(path, with_experts=False, verify=False, backend=backend) if "backbone" in modes else None
+    prepack = server_prepack_batch(batch_sizes)
+    full = load_bench_artifact(path, with_experts=True, verify=True, backend=backend, prepack_batch=prepack)
+    bb = (load_bench_artifact(path, with_experts=False, verify=False, backend=backend, prepack_batch=prepack)
+          if "backbone" in modes else None)
     router = load_router(full.path, full.manifest)
     n_warm = max(batch_sizes + [2])
     if full.manifest.synthetic or (tasks is None and not full.manifest.base):
@@ -453,15 +536,50 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
         prompts = workload.prompts[:serial_requests] if serial and serial_requests else workload.prompts
         r = await run_engine(art, router, mode, b, workload, max_tokens, max_len, label=label, prompts=prompts,
                              min_seconds=min_seconds)
+        report_run(r)
+
+    identity: dict = {}
+    pad_id = next((x for x in (full.tokenizer.pad_token_id, full.config.pad_token_id) if x is not None), 0)
+
+    def peers(b: int) -> None:
+        from bench.peers import PEER_MODES, PeerError, hf_backbone, peft_mixed_model, roofline
+
+        wanted = [m for m in PEER_MODES if m in modes]
+        try:
+            hf = hf_backbone(path)
+            if "hf_generate" in wanted:
+                r = run_peer(hf, "hf_generate", b, workload, max_tokens, pad_id, full.expert_names, label,
+                             min_seconds=min_seconds)
+                report_run(r)
+            served = (bb or full).model
+            info_extra["roofline"] = roofline(hf, served, [p.ids for p in workload.prompts], b, log)
+            if "peft_mixed" in wanted:
+                pm = peft_mixed_model(hf, path)
+                report_run(run_peer(pm, "peft_mixed", b, workload, max_tokens, pad_id, full.expert_names, label,
+                                    min_seconds=min_seconds))
+                del pm
+        except PeerError as e:
+            for m in wanted:
+                if not any(r.mode == m for r in runs):
+                    skipped.append({"artifact": label, "mode": m, "reason": str(e)})
+            log(f"[yellow]{label} peers skipped: {e}[/]")
+        finally:
+            hf = None
+            gc.collect()
+
+    def report_run(r: RunResult) -> None:
         check_all_generated(r, max_tokens)
         runs.append(r)
-        log(f"{label} {mode} b{r.batch_size}: {r.tokens_per_s:.1f} tok/s, p50 {r.p50_s:.3f} s, "
+        log(f"{label} {r.mode} b{r.batch_size}: {r.tokens_per_s:.1f} tok/s, p50 {r.p50_s:.3f} s, "
             f"{r.memory_bytes / 2**20:.0f} MiB, {r.requests} requests, {r.seconds:.1f} s"
             + (f" (median of {r.repeats})" if r.repeats > 1 else ""))
 
+    info_extra: dict = {}
     for b in batch_sizes:
-        for mode in [m for m in modes if m not in PER_REQUEST]:
+        for mode in [m for m in modes if m in MODES and m not in PER_REQUEST]:
             await one(mode, b)
+        if b == peer_batch:
+            peers(b)
     for mode in [m for m in modes if m in PER_REQUEST]:
         if mode == "expert":
             ok, why = expert_sources_available(full)
@@ -476,12 +594,33 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                                                    "fallback": router.config.fallback},
             "experts": full.expert_names, "num_layers": full.model.args.num_layers,
             "hidden_size": full.model.args.hidden_size, "vocab_size": full.model.args.vocab_size,
-            "backend": backend}
+            "backend": backend, "prepack_batch": prepack, **info_extra}
     if "lowrank" in modes and "materialize" in modes and equivalence_requests > 0:
         info["equivalence"] = await pinned_equivalence(full, router, workload, max_tokens, max_len,
                                                        max(batch_sizes), equivalence_requests, label)
+        identity["lowrank_pinned_vs_materialize"] = info["equivalence"]
         log(f"{label} equivalence (pinned {info['equivalence']['expert']}): "
             f"{info['equivalence']['identical']}/{info['equivalence']['requests']} identical greedy outputs")
+    find = {(r.mode, r.batch_size): r for r in runs}
+    top = max(batch_sizes)
+    if top > 1 and 1 in batch_sizes:
+        identity["batch1_vs_batch_max"] = {
+            m: {**identical(find[(m, 1)].outputs, find[(m, top)].outputs), "batch_sizes": [1, top]}
+            for m in modes if m in MODES and m not in PER_REQUEST and (m, 1) in find and (m, top) in find}
+    if peer_batch is not None and ("hf_generate", peer_batch) in find and ("backbone", peer_batch) in find:
+        identity["hf_generate_vs_backbone"] = {**identical(find[("hf_generate", peer_batch)].outputs,
+                                                           find[("backbone", peer_batch)].outputs),
+                                               "batch_size": peer_batch}
+    if peer_batch is not None and ("peft_mixed", peer_batch) in find and equivalence_requests > 0:
+        pinned = await run_engine(full, router, "lowrank", peer_batch, workload, max_tokens, max_len, label,
+                                  routing=task_routing(full.expert_names),
+                                  prompts=workload.prompts[:equivalence_requests])
+        identity["peft_mixed_vs_lowrank_pinned"] = {**identical(find[("peft_mixed", peer_batch)].outputs,
+                                                                pinned.outputs), "batch_size": peer_batch}
+    for k, v in identity.items():
+        for name, d in ({k: v} if "identical" in v else {f"{k} {m}": d for m, d in v.items()}).items():
+            log(f"{label} identity {name}: {d['identical']}/{d['requests']} identical greedy outputs")
+    info["identity"] = identity
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return ArtifactBench(label, runs, skipped, info)
 

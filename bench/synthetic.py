@@ -8,8 +8,12 @@ serving cost depends only on the shapes, and SVD of 8 layers × 7 matrices × 8 
 
 Choices (see ``SyntheticSpec``):
 - Llama, hidden 1024, 8 layers, 16 heads (head_dim 64, no GQA), intermediate 2816, 8 experts, rank 16
-  on every 2-D tensor (embed_tokens and lm_head included, as the default recipe does) and dense deltas on
-  the RMSNorm gains: per layer, the factors add (d_in + d_out)·rank·T parameters per matrix.
+  on every 2-D tensor (embed_tokens and lm_head included, as the default recipe does): per layer, the
+  factors add (d_in + d_out)·rank·T parameters per matrix.
+- No dense deltas on the RMSNorm gains by default (``norm_deltas=False``), as in an artifact built from
+  LoRA experts: the bench's HF + PEFT peer must serve exactly the same model, and PEFT cannot carry a
+  per-adapter norm weight in a mixed-adapter batch. ``norm_deltas=True`` adds them (twinserve serves
+  them; the PEFT peer is then skipped).
 - vocab 8192, not 32000: with 8 layers a 32000×1024 lm_head + embedding would be ~40% of the parameters
   and the benchmark would mostly measure the vocabulary projection; 8192 keeps it at ~14%, closer to the
   per-layer share of a 7B model, which is what the activation-side delta overhead is about.
@@ -61,6 +65,7 @@ class SyntheticSpec:
     router_layer: int = 2
     router_hidden: int = 256
     seed: int = 0
+    norm_deltas: bool = False
 
     @classmethod
     def quick(cls) -> SyntheticSpec:
@@ -191,6 +196,8 @@ def build_synthetic_artifact(out: str | Path, spec: SyntheticSpec | None = None)
                               "rel_error": {}}
         else:
             backbone[pname] = (1.0 + 0.02 * torch.randn(shape, generator=g)).contiguous()
+            if not spec.norm_deltas:
+                continue
             for name in names:
                 exclusive[exclusive_key(pname, name, "delta")] = 0.01 * torch.randn(shape, generator=g)
             tensors[pname] = {"shape": list(shape), "kind": "dense", "ranks": {}, "rel_error": {}}

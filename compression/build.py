@@ -30,8 +30,8 @@ from .recipe import RankPolicy, Recipe, RecipeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GENERATION_CONFIG = "generation_config.json"
-# safetensors header bytes per stored tensor (name + dtype + shape + offsets), kept out of the budget
-HEADER_BYTES_PER_TENSOR = 160
+# safetensors header bytes per stored tensor besides its name (dtype, shape, offsets), kept out of the budget
+HEADER_BYTES_PER_TENSOR = 72
 
 
 def keeps_delta(name: str, policy: RankPolicy) -> bool:
@@ -201,8 +201,9 @@ def _budget(recipe: Recipe, dense_expert_bytes: int, exclusive: dict, spectra: d
     """Bytes left for the 2-D factors once the dense 1-D deltas and the file header are paid."""
     total = int(recipe.compress.budget * dense_expert_bytes)
     dense = sum(t.numel() * t.element_size() for t in exclusive.values())
-    parts = 4 if (recipe.compress.factor_dtype or recipe.dtype) == "int8" else 2
-    header = HEADER_BYTES_PER_TENSOR * (len(exclusive) + parts * len(spectra))
+    parts = ("B", "A", "B_scale", "A_scale") if (recipe.compress.factor_dtype or recipe.dtype) == "int8" else ("B", "A")
+    keys = list(exclusive) + [exclusive_key(p, n, part) for p, n in spectra for part in parts]
+    header = sum(len(k) + HEADER_BYTES_PER_TENSOR for k in keys)
     left = total - dense - header
     if left < 0:
         raise RecipeError(f"compress.budget: {recipe.compress.budget} of {dense_expert_bytes:,} dense expert bytes "

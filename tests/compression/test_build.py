@@ -461,3 +461,197 @@ def test_unsupported_peft_variants_are_merged_right_or_rejected(tmp_path, extra)
         return  # an explicit refusal is fine
     for name in base.keys():  # noqa: SIM118
         assert_close(expert.get(name), ref[name], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- tied heads
+
+def _served_logits(art, ids: list[int], t: int) -> torch.Tensor:
+    """The artifact's model pinned to expert t (w one-hot), prefill of one row: (S, V)."""
+    T = len(art.expert_names)
+    w = torch.zeros(1, T)
+    w[0, t] = 1.0
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids))[None]
+    with torch.inference_mode():
+        return art.model(x, pos, art.model.new_cache(1, len(ids) + 1), torch.arange(1), w)[0]
+
+
+@pytest.fixture(scope="module")
+def tied_zoo(tmp_path_factory):
+    """A tied-embedding base; experts: a full fine-tune saved untied with its own head, one that stays
+    tied, and a PEFT LoRA adapter with modules_to_save=["lm_head"]. Returns dirs + reference logits fns."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tied")
+    base_dir = make_tiny_llama(root / "base", seed=5, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_state(base_dir)   # saved tied: one tensor
+    g = torch.Generator().manual_seed(77)
+
+    def perturbed(untie: bool):
+        m = LlamaForCausalLM.from_pretrained(str(base_dir)).eval()
+        if untie:  # a fine-tune that trained its own head: save it untied
+            m.config.tie_word_embeddings = False
+            m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.detach().clone())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return m
+
+    experts, refs = {}, {}
+    own = perturbed(untie=True)
+    experts["own"] = root / "own"
+    own.save_pretrained(str(experts["own"]))
+    assert "lm_head.weight" in load_state(experts["own"])
+    tied = perturbed(untie=False)
+    experts["tied"] = root / "tied"
+    tied.save_pretrained(str(experts["tied"]))
+    assert "lm_head.weight" not in load_state(experts["tied"])
+    torch.manual_seed(0)
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(str(base_dir)),
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    peft.eval()
+    experts["peft"] = root / "peft"
+    peft.save_pretrained(str(experts["peft"]))
+    for name, model in (("own", own), ("tied", tied), ("peft", peft)):
+        refs[name] = model
+    return base_dir, experts, refs
+
+
+def test_tied_base_with_an_untied_expert_head_is_served_exactly(tied_zoo, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from twin.loading import load_artifact as load_served
+
+    base_dir, experts, refs = tied_zoo
+    out = build_tiny_artifact(base_dir, experts, tmp_path / "art",
+                              merge={"method": "task_arithmetic", "lam": 0.5}, rank={"rank": 64})
+    manifest = verify_artifact(out)
+    assert manifest.untied_head and manifest.config["tie_word_embeddings"] is False
+    backbone = load_file(str(out / BACKBONE))
+    base = load_state(base_dir)
+    # θ*'s head: task arithmetic over each checkpoint's head (its own, or its tied embedding), from θ_0's embedding
+    heads = {"own": refs["own"].lm_head.weight, "tied": refs["tied"].model.embed_tokens.weight,
+             "peft": refs["peft"].base_model.model.lm_head.modules_to_save["default"].weight}
+    e0 = base["model.embed_tokens.weight"]
+    want = e0 + 0.5 * sum(h.detach() - e0 for h in heads.values())
+    assert_close(backbone["lm_head.weight"], want, atol=1e-6, rtol=1e-6)
+    assert "lm_head.weight" in manifest.tensors and manifest.tensors["lm_head.weight"].ranks["own"] > 0
+    art = load_served(out, device="cpu", dtype="float32")
+    ids = art.tokenizer.encode("add two and three")
+    for t, name in enumerate(art.expert_names):
+        got = _served_logits(art, ids, t)
+        model = refs[name] if name == "peft" else LlamaForCausalLM.from_pretrained(str(experts[name])).eval()
+        with torch.inference_mode():
+            ref = model(torch.tensor([ids])).logits[0]
+        assert_close(got, ref, atol=1e-4, rtol=0)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # before this layout the tied embedding served as every expert's head: the "own" expert differs from that
+    with torch.inference_mode():
+        tied_view = refs["own"].model(torch.tensor([ids])).last_hidden_state[0] @ refs["own"].model.embed_tokens.weight.T
+    assert (tied_view - _served_logits(art, ids, 0)).abs().max() > 0.05
+
+
+def test_tied_base_with_tied_experts_stays_tied(tied_zoo, tmp_path):
+    base_dir, experts, _ = tied_zoo
+    out = build_tiny_artifact(base_dir, {"tied": experts["tied"]}, tmp_path / "art", rank={"rank": 4})
+    manifest = verify_artifact(out)
+    assert not manifest.untied_head and manifest.config["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(str(out / BACKBONE))
+
+
+def test_generation_config_is_copied_into_the_artifact(tiny_artifact, tiny_base_dir):
+    gc = tiny_base_dir / "generation_config.json"
+    assert gc.is_file()
+    assert (tiny_artifact / "generation_config.json").read_text() == gc.read_text()
+    assert "generation_config.json" in verify_artifact(tiny_artifact).files
+
+
+# ----------------------------------------------------------------------------- budget + quantised factors
+
+@pytest.fixture(scope="module")
+def int8_budget(tiny_base_dir, tiny_expert_dirs, tmp_path_factory) -> Path:
+    return build_tiny_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path_factory.mktemp("int8") / "art",
+                               merge={"method": "task_arithmetic", "lam": 0.3},
+                               compress={"budget": 0.25, "factor_dtype": "int8"})
+
+
+def test_budget_bounds_the_exclusive_file_and_spreads_ranks(int8_budget, states):
+    base, _ = states
+    manifest = verify_artifact(int8_budget)
+    dense_experts = 3 * sum(w.numel() * 4 for w in base.values())
+    size = (int8_budget / EXCLUSIVE).stat().st_size
+    assert 0.23 * dense_experts < size <= 0.25 * dense_experts   # the budget is used, and never exceeded
+    build = read_report(int8_budget)["build"]
+    assert build["dense_expert_bytes"] == dense_experts and build["budget"]["fraction"] == 0.25
+    ranks = {r for info in manifest.tensors.values() if info.kind == "lowrank" for r in info.ranks.values()}
+    assert len(ranks) > 1  # ranks follow each delta's spectrum, not one number
+    assert {info.factor_dtype for info in manifest.tensors.values() if info.kind == "lowrank"} == {"int8"}
+
+
+def test_int8_factors_are_stored_with_scales_and_their_error_is_reported(int8_budget, states):
+    _, experts = states
+    manifest, backbone, exclusive = load_artifact(int8_budget)
+    worst = 0.0
+    for pname, info in manifest.tensors.items():
+        if info.kind != "lowrank":
+            continue
+        for name in EXPERT_NAMES:
+            q = {p: exclusive[exclusive_key(pname, name, p)] for p in ("B", "A", "B_scale", "A_scale")}
+            assert q["B"].dtype == q["A"].dtype == torch.int8 and q["B"].shape[1] == info.ranks[name]
+            B = q["B"].float() * q["B_scale"][None, :]
+            A = q["A"].float() * q["A_scale"][:, None]
+            delta = experts[name][pname].float() - backbone[pname]
+            # reconstruction error of θ* + B̃ Ã: truncation and dequantisation, each reported
+            err = ((delta - B @ A).norm() / delta.norm()).item()
+            assert err <= info.rel_error[name] + info.quant_error[name] + 1e-5
+            assert 0 < info.quant_error[name] < 0.02
+            worst = max(worst, info.quant_error[name])
+    assert read_report(int8_budget)["build"]["experts"]["math"]["max_quant_error"] <= worst + 1e-6
+
+
+def test_lowrank_path_equals_materialised_weights_of_the_stored_factors(int8_budget):
+    """twin_linear on the loaded (dequantised) factors == x (W* + Σ w_t B̃_t Ã_t)ᵀ built from the raw int8 file."""
+    from twin.artifact import load_exclusive
+    from twin.fusion import twin_linear
+
+    manifest, backbone, exclusive = load_artifact(int8_budget)
+    lowrank_deltas, _ = load_exclusive(int8_budget, manifest)
+    g = torch.Generator().manual_seed(1)
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    for pname in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
+        W = backbone[pname]
+        x = torch.randn(3, 5, W.shape[1], generator=g)
+        got = twin_linear(x, W, None, lowrank_deltas[pname], w)
+        for i in range(3):
+            Wi = W.clone()
+            for t, name in enumerate(EXPERT_NAMES):
+                B = exclusive[exclusive_key(pname, name, "B")].float() * exclusive[exclusive_key(pname, name, "B_scale")]
+                A = exclusive[exclusive_key(pname, name, "A")].float() * exclusive[exclusive_key(pname, name, "A_scale")][:, None]
+                Wi += w[i, t] * (B @ A)
+            assert_close(got[i], x[i] @ Wi.T, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_factors_in_an_fp32_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path):
+    out = build_tiny_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path / "art", rank={"rank": 4},
+                              compress={"factor_dtype": "bfloat16"})
+    manifest, backbone, exclusive = load_artifact(out)
+    assert {t.dtype for k, t in exclusive.items() if k.endswith(("::A", "::B"))} == {torch.bfloat16}
+    assert {t.dtype for k, t in exclusive.items() if k.endswith("::delta")} == {torch.float32}
+    info = manifest.tensors["model.layers.0.mlp.up_proj.weight"]
+    assert info.factor_dtype == "bfloat16" and 0 < info.quant_error["code"] < 0.01
+    s = read_report(out)["build"]["experts"]["code"]
+    assert s["factor_bytes"] == sum(4 * sum(w.shape) * 2 if w.ndim == 2 else w.numel() * 4 for w in backbone.values())
+
+
+def test_a_budget_below_the_dense_deltas_is_refused_by_field(tiny_base_dir, tiny_expert_dirs, tmp_path):
+    from compression.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="compress.budget") as ei:
+        build_tiny_artifact(tiny_base_dir, tiny_expert_dirs, tmp_path / "art", compress={"budget": 0.0001})
+    assert "1-D deltas" in str(ei.value)
+    assert not (tmp_path / "art").exists()

@@ -149,3 +149,95 @@ def test_non_2d_input_raises(shape):
 def test_exactly_one_policy_required(kw):
     with pytest.raises(ValueError, match="exactly one"):
         truncated_svd(torch.ones(3, 3), **kw)
+
+
+# ----------------------------------------------------------------------------- quantised factors
+
+def random_delta(d_out=48, d_in=40, seed=3) -> torch.Tensor:
+    return torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed))
+
+
+def test_int8_factors_round_within_half_a_step_and_the_error_is_reported():
+    from twin.artifact import dequantize_factor
+
+    d = random_delta()
+    lr = truncated_svd(d, rank=8)
+    st = lowrank.quantize_factors(lr, "int8")
+    assert st.B.dtype == st.A.dtype == torch.int8 and st.B.shape == (48, 8) and st.A.shape == (8, 40)
+    assert st.B_scale.shape == st.A_scale.shape == (8,) and st.B_scale.dtype == torch.float32
+    # absmax per rank component: the largest |entry| of every column of B / row of A maps to ±127
+    assert torch.equal(st.B.abs().amax(0), torch.full((8,), 127, dtype=torch.int8))
+    assert torch.equal(st.A.abs().amax(1), torch.full((8,), 127, dtype=torch.int8))
+    Bq = st.B.float() * st.B_scale[None, :]
+    Aq = st.A.float() * st.A_scale[:, None]
+    assert ((Bq - lr.B).abs() <= st.B_scale[None, :] / 2 + 1e-7).all()
+    assert ((Aq - lr.A).abs() <= st.A_scale[:, None] / 2 + 1e-7).all()
+    assert torch.equal(dequantize_factor(st.B, st.B_scale, 1), Bq)
+    assert torch.equal(dequantize_factor(st.A, st.A_scale, 0), Aq)
+    err = lowrank.dequantized_error(lr, st, torch.linalg.matrix_norm(d).item())
+    direct = (torch.linalg.matrix_norm(lr.B @ lr.A - Bq @ Aq) / torch.linalg.matrix_norm(d)).item()
+    assert err == pytest.approx(direct, rel=1e-5)
+    # bounded: entries off by ≤ s/2 give ≤ ~0.5 % of the product here, far below the rank-8 truncation
+    assert 0 < err < 0.01 < lr.rel_error
+    assert st.nbytes == (48 + 40) * 8 + 2 * 8 * 4
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.01), ("float16", 0.002), ("float32", 0.0)])
+def test_float_factors_are_cast_and_their_error_is_bounded(dtype, tol):
+    d = random_delta()
+    lr = truncated_svd(d, rank=8)
+    st = lowrank.quantize_factors(lr, dtype)
+    assert st.B_scale is None and str(st.A.dtype) == f"torch.{dtype}"
+    err = lowrank.dequantized_error(lr, st, torch.linalg.matrix_norm(d).item())
+    assert err <= tol and (err > 0) == (dtype != "float32")
+    assert st.nbytes == (48 + 40) * 8 * lowrank.FACTOR_BYTES[dtype]
+
+
+def test_empty_and_zero_deltas_quantise_to_nothing():
+    lr = truncated_svd(torch.zeros(6, 5), rank=3)
+    st = lowrank.quantize_factors(lr, "int8")
+    assert st.B.shape == (6, 0) and st.A.shape == (0, 5) and st.nbytes == 0
+    assert lowrank.dequantized_error(lr, st, 0.0) == 0.0
+
+
+# ----------------------------------------------------------------------------- budgeted ranks
+
+def test_budget_goes_to_the_largest_singular_values_across_tensors():
+    spectra = {"x": torch.tensor([10.0, 1.0, 0.1]), "y": torch.tensor([5.0, 4.0, 3.0])}
+    shapes = {"x": (8, 8), "y": (8, 8)}
+    per = lowrank.bytes_per_rank((8, 8), "float32")
+    assert per == 64
+    assert lowrank.allocate_ranks(spectra, shapes, 3 * per, "float32") == {"x": 1, "y": 2}
+    assert lowrank.allocate_ranks(spectra, shapes, 3 * per + per - 1, "float32") == {"x": 1, "y": 2}
+    assert lowrank.allocate_ranks(spectra, shapes, 5 * per, "float32") == {"x": 2, "y": 3}
+    assert lowrank.allocate_ranks(spectra, shapes, 5 * per, "float32", max_rank=1) == {"x": 1, "y": 1}
+    assert lowrank.allocate_ranks(spectra, shapes, 0, "float32") == {"x": 0, "y": 0}
+
+
+def test_budget_counts_bytes_per_component_so_cheap_tensors_get_more():
+    # same spectrum, but a column of "wide" costs 4x as much: energy per byte favours "thin"
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    spectra, shapes = {"thin": s, "wide": s}, {"thin": (8, 8), "wide": (32, 32)}
+    assert lowrank.bytes_per_rank((8, 8), "int8") == 24 and lowrank.bytes_per_rank((32, 32), "int8") == 72
+    # by s²/byte: thin 16/24, thin 9/24, wide 16/72, thin 4/24, [wide 9/72 does not fit], thin 1/24
+    ranks = lowrank.allocate_ranks(spectra, shapes, 168, "int8")
+    assert ranks == {"thin": 4, "wide": 1}
+    used = sum(r * lowrank.bytes_per_rank(shapes[k], "int8") for k, r in ranks.items())
+    assert used == 168
+
+
+def test_budget_allocation_is_optimal_for_equal_shapes():
+    """With equal costs the greedy choice keeps the most energy any rank assignment within the budget can."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    spectra = {k: torch.sort(torch.rand(5, generator=g) * (i + 1), descending=True).values for i, k in enumerate("abc")}
+    shapes = dict.fromkeys(spectra, (6, 6))
+    per = lowrank.bytes_per_rank((6, 6), "bfloat16")
+    for units in range(16):
+        ranks = lowrank.allocate_ranks(spectra, shapes, units * per, "bfloat16")
+        kept = sum(spectra[k][:r].pow(2).sum().item() for k, r in ranks.items())
+        best = max(sum(spectra[k][:r].pow(2).sum().item() for k, r in zip("abc", combo))
+                   for combo in itertools.product(range(6), repeat=3) if sum(combo) <= units)
+        assert sum(ranks.values()) == min(units, 15)
+        assert kept == pytest.approx(best, rel=1e-9)

@@ -1,0 +1,262 @@
+"""In-process peers for ``twinserve bench``: HF transformers (+ PEFT mixed adapters) and a matmul roofline.
+
+On the same artifact, prompts, max_tokens, dtype and thread count as the engine runs:
+
+- ``hf_generate``: transformers' own causal-LM class with θ* loaded, ``generate`` (greedy) on static
+  batches of ``batch_size`` left-padded prompts — the backbone's reference speed.
+- ``peft_mixed``: the same model wrapped by PEFT with one LoRA adapter per expert, built from the
+  artifact's exclusive factors (lora_A = A_t, lora_B = B_t, lora_alpha = r so the scaling is 1; the
+  embedding's LoRA stores the same product transposed), generating the mix with PEFT's per-row
+  ``adapter_names`` (each request uses its task's expert). This is how multi-LoRA batches are served
+  with transformers + PEFT (peft/tuners/lora/layer.py ``_mixed_batch_forward``).
+- ``matmul_roofline``: ``torch.mm`` over every nn.Linear weight of θ* in model order at M = batch
+  rows (the matmuls of one decode step and nothing else), and the backbone decode step measured on the
+  served model; the ratio is the step's fraction of the matmul roofline.
+
+Static batching is how ``generate`` serves a queue: the closed loop of ``batch_size`` clients becomes
+consecutive batches of ``batch_size`` requests, each request arriving when its batch starts.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from twin.artifact import BACKBONE, EXCLUSIVE, load_tensors, read_manifest, stored_factors
+from twin.loading import config_from_manifest
+
+PEER_MODES = ("hf_generate", "peft_mixed")
+
+
+class PeerError(ValueError):
+    """The artifact cannot be expressed as a transformers/PEFT peer (named tensor and reason)."""
+
+
+# ---- models -----------------------------------------------------------------------------------------
+def hf_backbone(path: str | Path) -> nn.Module:
+    """transformers' causal-LM class for the artifact's config with θ* loaded (CPU, fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = AutoModelForCausalLM.from_config(config_from_manifest(manifest), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(load_tensors(path, BACKBONE), strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        bad = sorted(set(missing) - tied) or sorted(unexpected)
+        raise PeerError(f"{path / BACKBONE}: tensor {bad[0]} does not match {type(model).__name__}")
+    return model.eval()
+
+
+def _module_of(param: str) -> str:
+    return param.rsplit(".", 1)[0]
+
+
+def peft_mixed_model(model: nn.Module, path: str | Path) -> nn.Module:
+    """Wrap ``model`` (θ*, from ``hf_backbone``) in place: one PEFT LoRA adapter per expert, named as the expert.
+
+    Per 2-D tensor W (d_out × d_in) with δ_t ≈ B_t A_t: a Linear gets lora_A = A_t (r × d_in), lora_B = B_t
+    (d_out × r); an Embedding (PEFT computes E[x] Bᵀ... as (lora_embedding_B lora_embedding_A)ᵀ) gets
+    lora_embedding_A = B_tᵀ (r × vocab), lora_embedding_B = A_tᵀ (d × r). lora_alpha = r (scaling 1);
+    per-tensor ranks that differ from the expert's most common rank go to rank_pattern / alpha_pattern.
+    Raises PeerError, naming the tensor, for what a PEFT mixed-adapter batch cannot hold: tied embeddings
+    with deltas, and dense 1-D deltas (norm gains, biases): PEFT's per-adapter module copies
+    (modules_to_save) refuse mixed batches for anything but Linear/Embedding/Conv modules.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors = load_tensors(path, EXCLUSIVE)
+    names = manifest.expert_names
+    lowrank = [p for p, i in manifest.tensors.items() if i.kind == "lowrank"]
+    dense = [p for p, i in manifest.tensors.items() if i.kind != "lowrank"]
+    targets = sorted({_module_of(p) for p in lowrank})
+    if model.config.tie_word_embeddings and lowrank:
+        raise PeerError("tied input/output embeddings: the PEFT peer supports untied models only")
+    if dense:
+        raise PeerError(f"{dense[0]}: dense per-expert deltas cannot be served in a PEFT mixed-adapter batch "
+                        f"(modules_to_save supports mixed batches of Linear/Embedding/Conv only)")
+
+    peft_model = None
+    for t, name in enumerate(names):
+        ranks = {_module_of(p): stored_factors(tensors, p, name)[1].shape[0] for p in lowrank}
+        r = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 1
+        other = {m: k for m, k in ranks.items() if k != r}
+        cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
+                         rank_pattern=other, alpha_pattern=dict(other), bias="none")
+        if peft_model is None:
+            peft_model = get_peft_model(model, cfg, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, cfg)
+    assert peft_model is not None
+    base = peft_model.base_model.model
+    with torch.no_grad():
+        for p in lowrank:
+            layer = base.get_submodule(_module_of(p))
+            for name in names:
+                B, A = stored_factors(tensors, p, name)          # (d_out, r), (r, d_in)
+                if name in getattr(layer, "lora_embedding_A", {}):
+                    layer.lora_embedding_A[name].copy_(B.T)
+                    layer.lora_embedding_B[name].copy_(A.T)
+                else:
+                    layer.lora_A[name].weight.copy_(A)
+                    layer.lora_B[name].weight.copy_(B)
+    return peft_model.eval()
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, d_out, d_in) of every nn.Linear of a plain transformers model, in module order (lm_head last)."""
+    return [(n, m.out_features, m.in_features) for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+# ---- generation -------------------------------------------------------------------------------------
+class _FirstToken:
+    """A no-op logits processor that records when the first token's logits arrive (TTFT)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: list[list[int]], max_tokens: int, pad_id: int,
+                   adapter_names: list[str] | None = None) -> tuple[list[list[int]], float | None]:
+    """Greedy ``generate`` of exactly ``max_tokens`` tokens per prompt (left-padded; eos does not stop).
+
+    Returns the generated ids per prompt and the time the first token's logits were ready.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    n = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    first = _FirstToken()
+    # no eos at all (not a suppressed one): every row runs to max_new_tokens, as ignore_eos does in the engine
+    model.generation_config.eos_token_id = None
+    gc_ = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=None, pad_token_id=pad_id,
+                           num_beams=1)
+    kw = {} if adapter_names is None else {"adapter_names": adapter_names}
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc_,
+                         logits_processor=LogitsProcessorList([first]), **kw)
+    return [row[n:].tolist() for row in out], first.at
+
+
+def model_memory_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameter and buffer storages (the KV cache of ``generate`` is transient)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def timed_generate(model, prompts: list[list[int]], batch_size: int, max_tokens: int, pad_id: int,
+                   adapters: list[str] | None = None) -> tuple[float, list[tuple[float, float | None, float]],
+                                                               list[list[int]]]:
+    """One pass over ``prompts`` in consecutive batches: (wall s, per request (arrival, first token, done), ids)."""
+    times: list[tuple[float, float | None, float]] = []
+    outs: list[list[int]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        start = time.perf_counter()
+        chunk = prompts[i:i + batch_size]
+        got, first = generate_batch(model, chunk, max_tokens, pad_id,
+                                    None if adapters is None else adapters[i:i + batch_size])
+        end = time.perf_counter()
+        outs.extend(got)
+        times.extend((start, first, end) for _ in chunk)
+    return time.perf_counter() - t0, times, outs
+
+
+# ---- roofline ---------------------------------------------------------------------------------------
+@torch.inference_mode()
+def matmul_peak(weights: list[torch.Tensor], m: int, passes: int = 5, min_seconds: float = 0.5) -> dict:
+    """Peak matmul FLOP/s of ``torch.mm(x, Wᵀ)`` over ``weights`` (each (d_out, d_in)) at M = ``m`` rows.
+
+    One pass multiplies every weight once, in order — the matmuls of one decode step with their real
+    memory traffic (distinct weights, not one cached matrix). The fastest pass is the peak.
+    FLOPs per pass = 2·M·Σ d_out·d_in.
+    """
+    xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=w.dtype) for w in weights}
+    flops = 2 * m * sum(w.shape[0] * w.shape[1] for w in weights)
+    for w in weights:                       # warm-up (allocator, kernels)
+        torch.mm(xs[w.shape[1]], w.t())
+    best, spent, n = float("inf"), 0.0, 0
+    while n < passes or (spent < min_seconds and n < 10 * passes):
+        t = time.perf_counter()
+        for w in weights:
+            torch.mm(xs[w.shape[1]], w.t())
+        dt = time.perf_counter() - t
+        best, spent, n = min(best, dt), spent + dt, n + 1
+    return {"rows": m, "flops_per_pass": flops, "pass_seconds_best": best, "passes": n,
+            "peak_flops_per_s": flops / best}
+
+
+@torch.inference_mode()
+def backbone_decode_step_seconds(model, prompts: list[list[int]], steps: int = 16, pad_id: int = 0) -> float:
+    """Median seconds of one decode step (forward of one new token per row + greedy argmax) of a served model.
+
+    ``model`` is a twin.model backbone (no deltas) called as the engine calls it; the rows are
+    ``prompts`` prefilled together, then ``steps`` decode steps are timed one by one.
+    """
+    from twin.generate import right_pad
+
+    device = model.device
+    n = len(prompts)
+    cache = model.new_cache(n, max(len(p) for p in prompts) + steps + 2)
+    slots = torch.arange(n, device=device)
+    ids, pos, lengths = right_pad(prompts, pad_id, device)
+    logits = model(ids, pos, cache, slots, None, logits_at=lengths - 1)
+    cur = lengths.clone()
+    times = []
+    for _ in range(steps):
+        tok = logits.argmax(-1)
+        t = time.perf_counter()
+        logits = model(tok[:, None], cur[:, None], cache, slots, None)[:, -1]
+        logits.argmax(-1)
+        times.append(time.perf_counter() - t)
+        cur = cur + 1
+    times.sort()
+    return times[len(times) // 2]
+
+
+def roofline(hf_model: nn.Module, served_backbone, prompts: list[list[int]], batch_size: int,
+             log: Callable[[str], None] = lambda s: None) -> dict:
+    """backbone_roofline_fraction = (2·M·Σ d_out·d_in / decode-step s) / torch.mm peak at the same shapes."""
+    weights = [m.weight.detach() for _, m in hf_model.named_modules() if type(m) is nn.Linear]
+    rows = (prompts * (1 + batch_size // max(1, len(prompts))))[:batch_size]
+    peak = matmul_peak(weights, batch_size)
+    step = backbone_decode_step_seconds(served_backbone, rows)
+    achieved = peak["flops_per_pass"] / step
+    shapes: dict[str, int] = {}
+    for w in weights:
+        key = f"{w.shape[0]}x{w.shape[1]}"
+        shapes[key] = shapes.get(key, 0) + 1
+    out = {"rows": batch_size, "linear_shapes": shapes, "step_matmul_flops": peak["flops_per_pass"],
+           "matmul_pass_seconds_best": round(peak["pass_seconds_best"], 6), "matmul_passes": peak["passes"],
+           "peak_matmul_gflops_per_s": round(peak["peak_flops_per_s"] / 1e9, 3),
+           "backbone_decode_step_seconds": round(step, 6),
+           "achieved_matmul_gflops_per_s": round(achieved / 1e9, 3),
+           "backbone_roofline_fraction": round(achieved / peak["peak_flops_per_s"], 4),
+           "dtype": str(weights[0].dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+    log(f"roofline: torch.mm peak {out['peak_matmul_gflops_per_s']:.1f} GFLOP/s at M={batch_size}; backbone "
+        f"decode step {step * 1e3:.1f} ms = {out['achieved_matmul_gflops_per_s']:.1f} GFLOP/s "
+        f"({out['backbone_roofline_fraction']:.2f} of peak)")
+    return out
+
+
+def release(model) -> None:
+    del model
+    gc.collect()
