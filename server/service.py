@@ -179,6 +179,9 @@ class Service:
     # ---- running ----------------------------------------------------------------------------------
     def submit(self, call: Call) -> None:
         """All choices or none: a full queue part-way cancels the ones already queued."""
+        if len(call.requests) > self.settings.max_queue:  # could never be admitted: not a retryable 429
+            raise BadRequest(f"{len(call.requests)} choices (prompts × n) exceed the server's queue of "
+                             f"{self.settings.max_queue}; send fewer prompts or a smaller n", param="n")
         for k, r in enumerate(call.requests):
             try:
                 self.engine.submit(r)

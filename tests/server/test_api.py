@@ -231,6 +231,14 @@ def test_extreme_but_valid_values_do_not_break_the_engine(client):
     assert r.status_code == 200, r.text
 
 
+def test_more_choices_than_the_queue_holds_is_400(routed_artifact):
+    with app_client(routed_artifact, max_queue=4) as c:
+        err = assert_openai_error(post(c, {"model": "tiny", "prompt": ["ab", "cd", "ef"], "n": 2, "max_tokens": 1}),
+                                  400, param="n")
+        assert "6 choices" in err["message"] and "queue of 4" in err["message"]
+        assert post(c, {"model": "tiny", "prompt": ["ab", "cd"], "n": 2, "max_tokens": 1}).status_code == 200
+
+
 def test_api_key(routed_artifact):
     with app_client(routed_artifact, api_key="s3cret") as c:
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
