@@ -106,6 +106,8 @@ async def _stream(svc: Service, call: Call, http: Request, chat: bool, model: st
                 yield f"data: {c.model_dump_json()}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            await pieces.aclose()   # an aborted response cancels its unfinished choices now, not at GC
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
