@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from bench.cli import parse_batch_sizes, parse_modes, run_bench
-from bench.report import RATIO_KEYS, TARGETS
+from bench.cli import ALL_MODES, parse_batch_sizes, parse_modes, run_bench
+from bench.report import IDENTITY_TARGETS, RATIO_KEYS, TARGETS
 from bench.runner import (
     MODES,
     check_all_generated,
@@ -37,12 +37,26 @@ def quick_report(tiny_artifact, tmp_path_factory):
 def test_report_keys_and_written_json(quick_report):
     report, written = quick_report
     assert written == json.loads(json.dumps(report))
-    assert set(written) >= {"runs", "ratios", "demo_ratios", "config", "targets"}
+    assert set(written) >= {"runs", "ratios", "demo_ratios", "config", "targets", "identity", "demo_identity"}
     for key in ("ratios", "demo_ratios"):
-        assert set(written[key]) >= set(RATIO_KEYS) | {"batch_size", "materialize_batch_size", "note"}
-        assert written[key]["batch_size"] == 3 and written[key]["materialize_batch_size"] == 1
-        assert all(isinstance(written[key][k], float) and written[key][k] > 0 for k in RATIO_KEYS)
-    assert set(written["targets"]) == set(TARGETS)
+        assert set(written[key]) >= set(RATIO_KEYS) | {"batch_size", "note"}
+        assert written[key]["batch_size"] == 3
+    assert all(isinstance(written["ratios"][k], float) and written["ratios"][k] > 0 for k in RATIO_KEYS)
+    # the peers and the roofline run on the synthetic artifact only
+    demo = written["demo_ratios"]
+    assert all(isinstance(demo[k], float) and demo[k] > 0 for k in ("lowrank_vs_backbone_throughput",
+                                                                     "lowrank_top2_vs_backbone_throughput",
+                                                                     "memory_vs_backbone"))
+    assert demo["lowrank_vs_peft_mixed_throughput"] is None and demo["backbone_roofline_fraction"] is None
+    assert set(written["targets"]) == set(TARGETS) | set(IDENTITY_TARGETS)
+    assert "lowrank_vs_materialize_throughput" not in written["targets"]
+    runs = {(r["artifact"], r["mode"], r["batch_size"]): r for r in written["runs"]}
+    tps = lambda m: runs[("synthetic", m, 3)]["tokens_per_s"]   # noqa: E731
+    assert written["ratios"]["lowrank_vs_peft_mixed_throughput"] == round(tps("lowrank") / tps("peft_mixed"), 4)
+    assert written["ratios"]["backbone_vs_hf_generate_throughput"] == round(tps("backbone") / tps("hf_generate"), 4)
+    roof = written["config"]["artifacts"]["synthetic"]["roofline"]
+    assert written["ratios"]["backbone_roofline_fraction"] == roof["backbone_roofline_fraction"]
+    assert roof["rows"] == 3 and roof["peak_matmul_gflops_per_s"] > 0
     for run in written["runs"]:
         assert set(run) >= RUN_KEYS
         assert run["memory_bytes"] > 0 and run["rss_bytes"] > 0
@@ -64,6 +78,8 @@ def test_every_mode_ran_and_generated_every_token(quick_report):
     for b in (1, 3):
         for mode in ("backbone", "lowrank", "lowrank_top2"):
             assert (demo, mode, b) in got and ("synthetic", mode, b) in got
+    assert ("synthetic", "hf_generate", 3) in got and ("synthetic", "peft_mixed", 3) in got
+    assert not any(a == demo and m in ("hf_generate", "peft_mixed") for a, m, _ in got)
     assert (demo, "materialize", 1) in got and (demo, "expert", 1) in got   # the fixture keeps its experts
     assert ("synthetic", "materialize", 1) in got
     assert [s["mode"] for s in written["config"]["skipped"]] == ["expert"]  # synthetic: no dense experts
@@ -71,6 +87,15 @@ def test_every_mode_ran_and_generated_every_token(quick_report):
     mem = {(r["artifact"], r["mode"], r["batch_size"]): r["memory_bytes"] for r in runs}
     assert mem[(demo, "lowrank", 3)] > mem[(demo, "backbone", 3)]
     assert written["config"]["equivalence"][demo]["identical"] == written["config"]["equivalence"][demo]["requests"]
+    # greedy identity: every check compares real outputs of two runs, and all of them agree
+    ident = written["identity"]
+    assert set(ident) == {"lowrank_pinned_vs_materialize", "batch1_vs_batch_max", "hf_generate_vs_backbone",
+                          "peft_mixed_vs_lowrank_pinned"}
+    assert set(ident["batch1_vs_batch_max"]) == {"backbone", "lowrank", "lowrank_top2"}
+    for entry in [ident[k] for k in ident if k != "batch1_vs_batch_max"] + list(ident["batch1_vs_batch_max"].values()):
+        assert entry["requests"] == 6 and entry["identical"] == 6
+    for key in IDENTITY_TARGETS:
+        assert written["targets"][key]["pass"] is True
 
 
 def test_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact):
@@ -95,7 +120,8 @@ def test_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact):
 
 def test_argument_parsing(tmp_path):
     assert parse_batch_sizes("16,1,8,8") == [1, 8, 16]
-    assert parse_modes(None) == MODES
+    assert parse_modes(None) == ALL_MODES == MODES + ("hf_generate", "peft_mixed")
+    assert parse_modes("peft_mixed,lowrank") == ("lowrank", "peft_mixed")
     assert parse_modes("materialize,backbone") == ("backbone", "materialize")
     with pytest.raises(UsageError):
         parse_batch_sizes("1,x")
@@ -111,7 +137,7 @@ def test_cli_registered(tiny_artifact, tmp_path):
                  "--batch-sizes", "2", "--max-tokens", "2", "--modes", "backbone,lowrank"]) == 0
     rep = json.loads(out.read_text())
     assert [(r["mode"], r["batch_size"], r["tokens"]) for r in rep["runs"]] == [("backbone", 2, 6), ("lowrank", 2, 6)]
-    assert "ratios" not in rep and rep["demo_ratios"]["lowrank_vs_materialize_throughput"] is None
+    assert "ratios" not in rep and rep["demo_ratios"]["lowrank_vs_peft_mixed_throughput"] is None
     assert EXPERT_NAMES == rep["config"]["artifacts"][rep["config"]["demo_artifact"]]["experts"]
 
 
