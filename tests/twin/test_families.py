@@ -139,3 +139,47 @@ def test_prepacked_weights_give_the_same_logits(family, family_artifacts):
     state_a, state_b = plain.model.backbone_state(), packed.model.backbone_state()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def alone(model, ids: list[int], extra: list[int], w_row: torch.Tensor) -> torch.Tensor:
+    """Logits after the whole prompt and after each extra token, one sequence, padded path: (1+len(extra), V)."""
+    cache, slot = model.new_cache(1, len(ids) + len(extra) + 1), torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        out = [model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slot, w_row[None])[0, -1]]
+        for i, t in enumerate(extra):
+            out.append(model(torch.tensor([[t]]), torch.tensor([[len(ids) + i]]), cache, slot, w_row[None])[0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_unified_step_equals_separate_passes(family, family_artifacts):
+    """Prefill chunks and decode tokens of different rows in one flat forward (the engine's unified step)
+    give each row exactly what the padded per-row path gives."""
+    from twin.model.hf import FlatBatch
+
+    _, _, art = family_artifacts(family)
+    m = art.model
+    a, b = (art.tokenizer.encode(p) for p in PROMPTS[:2])            # 29 and 10 tokens
+    wa, wb = torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7])
+    cache = m.new_cache(3, 40)
+
+    def step(decode, chunks, w_rows, at):
+        flat = FlatBatch.build(decode, chunks)
+        w = torch.stack([w_rows[i] for i in range(len(w_rows)) for _ in range(1)])
+        with torch.inference_mode():
+            return m.step(flat, cache, w, torch.tensor(at))
+
+    # step 1: A's first 12 prompt tokens (slot 1) and all of B (slot 2); logits only at B's last token
+    w1 = [wa] * 12 + [wb] * len(b)
+    s1 = step([], [(a[:12], 1, 0), (b, 2, 0)], w1, [12 + len(b) - 1])
+    # step 2: B decodes token 5 at its next position; A's remaining prompt chunk; logits at both
+    w2 = [wb] + [wa] * (len(a) - 12)
+    s2 = step([(5, len(b), 2)], [(a[12:], 1, 12)], w2, [0, len(a) - 12])
+    # step 3: both decode (slots 1, 2: a dense range)
+    s3 = step([(7, len(a), 1), (9, len(b) + 1, 2)], [], [wa, wb], [0, 1])
+    ref_a = alone(m, a, [7], wa)
+    ref_b = alone(m, b, [5, 9], wb)
+    got_a = torch.stack([s2[1], s3[0]])
+    got_b = torch.stack([s1[0], s2[0], s3[1]])
+    assert float((got_a - ref_a).abs().max()) <= TOL, family
+    assert float((got_b - ref_b).abs().max()) <= TOL, family

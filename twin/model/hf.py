@@ -104,6 +104,50 @@ class SlotCache:
 
 
 @dataclass
+class FlatBatch:
+    """One engine step as a flat list of M tokens (vLLM's unified step): decode tokens of running rows and
+    prefill chunks of new ones, in one forward that reads every weight once.
+
+    tokens, positions, slots: (M,) long; ``decode``: (K,) indices of the single decode tokens (None when
+    none); ``segments``: prefill chunks as (start, length, slot, first position) with their tokens at
+    start..start+length-1; ``decode_length`` = max decode position + 1; ``decode_range`` = (lo, hi) when the
+    decode tokens' slots are lo..hi-1 in order.
+    """
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    decode: torch.Tensor | None
+    segments: list[tuple[int, int, int, int]]
+    decode_length: int = 0
+    decode_range: tuple[int, int] | None = None
+
+    @classmethod
+    def build(cls, decode: list[tuple[int, int, int]], chunks: list[tuple[list[int], int, int]],
+              device=None) -> FlatBatch:
+        """decode: (token, position, slot) per running row; chunks: (tokens, slot, first position) per prefill
+        chunk. Decode tokens come first, then the chunks, in the order given."""
+        toks, pos, slots, segments = [], [], [], []
+        for t, p, s in decode:
+            toks.append(t), pos.append(p), slots.append(s)
+        for ids, slot, p0 in chunks:
+            segments.append((len(toks), len(ids), slot, p0))
+            toks.extend(ids)
+            pos.extend(range(p0, p0 + len(ids)))
+            slots.extend([slot] * len(ids))
+        k = len(decode)
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        dec_slots = [s for _, _, s in decode]
+        dense = bool(k) and dec_slots == list(range(dec_slots[0], dec_slots[0] + k))
+        return cls(t(toks), t(pos), t(slots), torch.arange(k, device=device) if k else None, segments,
+                   max((p for _, p, _ in decode), default=-1) + 1,
+                   (dec_slots[0], dec_slots[0] + k) if dense else None)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
 class StepContext:
     """What every Twin layer and the attention kernel read during one forward."""
     w: ExpertWeights | None = None
@@ -113,6 +157,7 @@ class StepContext:
     length: int = 0                          # keys attended: positions.max() + 1
     masks: dict | None = None                # sliding window (None = full) -> (N, 1, S, L) bool
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == lo..hi-1 in order: cache views, no gather
+    flat: FlatBatch | None = None            # set by HFTwinModel.step: the unified layout
 
     def mask(self, window: int | None) -> torch.Tensor:
         m = self.masks.get(window)
@@ -143,6 +188,8 @@ def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
                                         f"twinserve's slot-cache attention does not implement it")
     ctx: StepContext = module._twin_ctx
     k_cache, v_cache = ctx.cache.layer(module.layer_idx, key)
+    if ctx.flat is not None:
+        return _flat_attention(ctx.flat, k_cache, v_cache, query, key, value, scaling, sliding_window, softcap)
     slots = ctx.slots
     k_cache[slots[:, None], :, ctx.positions] = key.transpose(1, 2)     # (N, S, Hkv, D) at each row's positions
     v_cache[slots[:, None], :, ctx.positions] = value.transpose(1, 2)
@@ -151,19 +198,61 @@ def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         keys, values = k_cache[lo:hi, :, :ctx.length], v_cache[lo:hi, :, :ctx.length]   # (N, Hkv, L, D)
     else:
         keys, values = k_cache[slots, :, :ctx.length], v_cache[slots, :, :ctx.length]
-    mask = ctx.mask(sliding_window)                                     # (N, 1, S, L)
+    out = _attend(query, keys, values, ctx.mask(sliding_window), scaling, softcap)   # mask (N, 1, S, L)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, keys, values, mask, scaling, softcap):
+    """softmax(q kᵀ · scaling [soft-capped], masked) v.  q (N, H, S, D), k/v (N, Hkv, L, D), mask (N, 1, S, L)."""
     rep = query.shape[1] // keys.shape[1]
     if softcap is None:
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                             enable_gqa=rep > 1)
-    else:  # tanh soft-capping of the scores (Gemma 2): softmax in fp32 as transformers' eager kernel
-        if rep > 1:
-            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-        scores = (query @ keys.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-        scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ values
-    return out.transpose(1, 2).contiguous(), None
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                              enable_gqa=rep > 1)
+    # tanh soft-capping of the scores (Gemma 2): softmax in fp32 as transformers' eager kernel
+    if rep > 1:
+        keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    scores = (query @ keys.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ values
+
+
+def _window_mask(q_pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """(…, S) query positions -> (…, S, L) bool: key j visible when j <= q (and j > q − window)."""
+    key_pos = torch.arange(length, device=q_pos.device)
+    m = key_pos <= q_pos[..., None]
+    return m & (key_pos > q_pos[..., None] - window) if window is not None else m
+
+
+def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scaling, window, softcap):
+    """Unified step: M tokens as M rows of one token each (query (M, H, 1, D)).
+
+    Every token's key/value is written first; then the decode tokens attend together (one batched
+    kernel over their slots) and each prefill chunk attends as one causal block over its own slot (a
+    cache view, no gather). Returns (M, 1, H, D).
+    """
+    k_cache[flat.slots, :, flat.positions] = key[:, :, 0]          # (M, Hkv, D)
+    v_cache[flat.slots, :, flat.positions] = value[:, :, 0]
+    out = torch.empty_like(query)                                   # (M, H, 1, D)
+    if flat.decode is not None:
+        d = flat.decode
+        length = flat.decode_length
+        if flat.decode_range is not None:
+            lo, hi = flat.decode_range
+            keys, values = k_cache[lo:hi, :, :length], v_cache[lo:hi, :, :length]
+        else:
+            slots = flat.slots[d]
+            keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
+        mask = _window_mask(flat.positions[d][:, None], length, window)[:, None]     # (K, 1, 1, L)
+        out[d] = _attend(query[d], keys, values, mask, scaling, softcap)
+    for start, n, slot, p0 in flat.segments:
+        q = query[start:start + n].transpose(0, 2)                  # (1, H, n, D)
+        length = p0 + n
+        mask = _window_mask(torch.arange(p0, length, device=query.device), length, window)[None, None]
+        o = _attend(q, k_cache[slot:slot + 1, :, :length], v_cache[slot:slot + 1, :, :length], mask,
+                    scaling, softcap)
+        out[start:start + n] = o.transpose(0, 2)
+    return out.transpose(1, 2), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, twin_attention)
@@ -452,6 +541,28 @@ class HFTwinModel(nn.Module):
         finally:
             ctx.w = None
         return logits[:, 0] if logits_at is not None else logits
+
+    def step(self, flat: FlatBatch, cache: SlotCache, w: torch.Tensor | ExpertWeights | None,
+             logits_at: torch.Tensor) -> torch.Tensor:
+        """One unified engine step: the M tokens of ``flat`` (decode tokens and prefill chunks) in one forward.
+
+        w: (M, T) per-token expert weights (each token carries its row's w) or None (θ*). Returns logits
+        (R, V) at the token indices ``logits_at`` (R,) only (the last token of each chunk that ends a prompt,
+        every decode token, and any prompt position whose logprobs were asked for).
+        """
+        ctx = self.ctx
+        if w is not None:
+            w = (w if isinstance(w, ExpertWeights) else ExpertWeights(w)).to(self.dtype)
+        ctx.w, ctx.cache, ctx.flat = w, cache, flat
+        try:
+            h = self.base(input_ids=flat.tokens[:, None], position_ids=flat.positions[:, None],
+                          use_cache=False).last_hidden_state                      # (M, 1, H)
+            rows = h[logits_at]                                                    # (R, 1, H)
+            if w is not None and logits_at.shape[0] != flat.num_tokens:
+                ctx.w = ExpertWeights(w.w[logits_at])
+            return self._head(rows)[:, 0]
+        finally:
+            ctx.w = ctx.cache = ctx.flat = None
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head plus the logit post-processing transformers' CausalLM classes apply."""
