@@ -245,9 +245,10 @@ def roofline(hf_model: nn.Module, served_backbone, prompts: list[list[int]], bat
         key = f"{w.shape[0]}x{w.shape[1]}"
         shapes[key] = shapes.get(key, 0) + 1
     out = {"rows": batch_size, "linear_shapes": shapes, "step_matmul_flops": peak["flops_per_pass"],
-           "matmul_pass_seconds_best": round(peak["pass_seconds_best"], 6), "matmul_passes": peak["passes"],
+           "matmul_pass_seconds_best": round(peak["pass_seconds_best"], 9), "matmul_passes": peak["passes"],
+           "peak_matmul_flops_per_s": peak["peak_flops_per_s"], "achieved_matmul_flops_per_s": achieved,
            "peak_matmul_gflops_per_s": round(peak["peak_flops_per_s"] / 1e9, 3),
-           "backbone_decode_step_seconds": round(step, 6),
+           "backbone_decode_step_seconds": round(step, 9),
            "achieved_matmul_gflops_per_s": round(achieved / 1e9, 3),
            "backbone_roofline_fraction": round(achieved / peak["peak_flops_per_s"], 4),
            "dtype": str(weights[0].dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
