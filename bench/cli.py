@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .report import check_targets, compute_ratios, print_ratios, print_runs, write_json_atomic
 from .peers import PEER_MODES
+from .report import check_targets, compute_ratios, print_ratios, print_runs, write_json_atomic
 from .runner import MODES, ArtifactBench, bench_artifact, peak_rss_bytes
 from .synthetic import SyntheticSpec, build_synthetic_artifact
 

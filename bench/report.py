@@ -52,8 +52,8 @@ def compute_ratios(runs: list[dict], label: str, batch: int, roofline: dict | No
     """The issue-13 ratios of one artifact at ``batch`` (None where a run is missing)."""
     get = {m: _find(runs, label, m, batch) for m in ("backbone", "lowrank", "lowrank_top2", "peft_mixed",
                                                        "hf_generate")}
-    tps = lambda m: None if get[m] is None else get[m]["tokens_per_s"]      # noqa: E731
-    mem = lambda m: None if get[m] is None else get[m]["memory_bytes"]      # noqa: E731
+    tps = lambda m: None if get[m] is None else get[m]["tokens_per_s"]
+    mem = lambda m: None if get[m] is None else get[m]["memory_bytes"]
     return {
         "lowrank_vs_backbone_throughput": _div(tps("lowrank"), tps("backbone")),
         "lowrank_top2_vs_backbone_throughput": _div(tps("lowrank_top2"), tps("backbone")),
@@ -141,12 +141,15 @@ def print_ratios(report: dict, console: Console) -> None:
         table.add_row(label, *cells)
     console.print(table)
     if targets:
+        def value(v) -> str:
+            return "n/a" if v is None else v if isinstance(v, str) else format(v, ".3f")
+
         console.print("targets (synthetic): " + " · ".join(
-            f"{k} {t['target']}: {'n/a' if t['value'] is None else t['value'] if isinstance(t['value'], str) else format(t['value'], '.3f')} "
+            f"{k} {t['target']}: {value(t['value'])} "
             f"{'PASS' if t['pass'] else 'MISS' if t['pass'] is not None else ''}" for k, t in targets.items()))
     for label, key in (("synthetic", "identity"), ("demo", "demo_identity")):
         for name, entry in (report.get(key) or {}).items():
-            v, ok = _all_identical(entry)
+            v, _ = _all_identical(entry)
             detail = "" if "identical" in entry else " (" + ", ".join(
                 f"{m} {d['identical']}/{d['requests']}" for m, d in entry.items()) + ")"
             console.print(f"{label}: {name}: {v} identical greedy outputs{detail}")

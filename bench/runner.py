@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from twin.fusion import LowRankDeltas
 from server.engine import Engine, Request, RoutingSpec
-from twin.loading import LoadedArtifact, load_artifact
 from server.metrics import Metrics
 from server.sampling import SamplingParams
 from server.settings import Settings
+from twin.fusion import LowRankDeltas
+from twin.loading import LoadedArtifact, load_artifact
 
 MODES = ("backbone", "lowrank", "lowrank_top2", "materialize", "expert")
 ENGINE_MODE = {"backbone": "backbone", "lowrank": "lowrank", "lowrank_top2": "lowrank",
@@ -377,7 +377,7 @@ def run_peer(model, mode: str, batch_size: int, workload: Workload, max_tokens: 
         raise BenchError(f"unknown peer {mode!r} (known: {', '.join(PEER_MODES)})")
     prompts = workload.prompts if prompts is None else prompts
     mixed = mode == "peft_mixed"
-    adapters = lambda ps: [task_expert(p.task, names) for p in ps] if mixed else None   # noqa: E731
+    adapters = lambda ps: [task_expert(p.task, names) for p in ps] if mixed else None
     warm = (workload.warmup * (1 + batch_size // max(1, len(workload.warmup))))[:max(2, batch_size)]
     timed_generate(model, [p.ids for p in warm], batch_size, min(max_tokens, 4), pad_id, adapters(warm))
     reps = []

@@ -51,7 +51,7 @@ def test_report_keys_and_written_json(quick_report):
     assert set(written["targets"]) == set(TARGETS) | set(IDENTITY_TARGETS)
     assert "lowrank_vs_materialize_throughput" not in written["targets"]
     runs = {(r["artifact"], r["mode"], r["batch_size"]): r for r in written["runs"]}
-    tps = lambda m: runs[("synthetic", m, 3)]["tokens_per_s"]   # noqa: E731
+    tps = lambda m: runs[("synthetic", m, 3)]["tokens_per_s"]
     assert written["ratios"]["lowrank_vs_peft_mixed_throughput"] == round(tps("lowrank") / tps("peft_mixed"), 4)
     assert written["ratios"]["backbone_vs_hf_generate_throughput"] == round(tps("backbone") / tps("hf_generate"), 4)
     roof = written["config"]["artifacts"]["synthetic"]["roofline"]

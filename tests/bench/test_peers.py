@@ -121,7 +121,7 @@ def test_roofline_counts_the_step_matmuls(synthetic, served):
 
 
 def test_ratios_and_targets():
-    run = lambda m, tps, mem=100: {"artifact": "s", "mode": m, "batch_size": 16, "tokens_per_s": tps,  # noqa: E731
+    run = lambda m, tps, mem=100: {"artifact": "s", "mode": m, "batch_size": 16, "tokens_per_s": tps,
                                    "memory_bytes": mem}
     runs = [run("backbone", 100.0, 100), run("lowrank", 90.0, 120), run("lowrank_top2", 80.0, 120),
             run("peft_mixed", 50.0), run("hf_generate", 80.0), run("materialize", 5.0)]
