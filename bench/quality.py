@@ -83,7 +83,7 @@ def score_model(model, tokenizer, data: dict[str, list[dict]], w_for: Callable[[
 
 def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | None = None,
              methods: tuple[str, ...] = METHODS, write: bool = True, console: Console | None = None,
-             router_weights: Callable | None = None) -> dict:
+             router_weights: Callable | None = None, router_details: bool = True) -> dict:
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     art = load_artifact(path, device="cpu", dtype="float32")
@@ -94,7 +94,6 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
     m = art.manifest
     results: dict[str, dict[str, float]] = {}
     chosen: dict[str, dict] = {}
-    dense_bytes = 0
 
     def dense_model(state):
         return build_model(art.config, state, None, "cpu", torch.float32, with_experts=False)
@@ -107,7 +106,6 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
         for e in m.experts:
             ex = open_expert(e.source, lazy)
             expert_states.append({k: ex.get(k) for k in base_state})
-        dense_bytes = sum(sum(t.numel() * t.element_size() for t in s.values()) for s in expert_states)
     if "expert" in methods:
         results["expert"] = {}
         for name, state in zip(names, expert_states):
@@ -141,18 +139,14 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
     if w_router is not None:
         with console.status("twin router (learned routing, batched low-rank path)"):
             results["twin_router"] = score_model(art.model, art.tokenizer, test, w_router)
-            router_section = router_report(art, test)
+            router_section = router_report(art, test) if router_details else None
 
     quality = build_quality(results, names)
     report = read_report(path)
     report["quality"] = quality
     report["quality"]["baseline_params"] = chosen
     report["quality"]["test_size_per_task"] = {n: len(r) for n, r in test.items()}
-    report["storage_bytes"] = {
-        "backbone": (Path(path) / BACKBONE).stat().st_size,
-        "exclusive": (Path(path) / EXCLUSIVE).stat().st_size,
-        "dense_experts": dense_bytes,
-    }
+    report["storage_bytes"] = storage_bytes(art)
     if router_section is not None:
         report["router"] = router_section
     report["eval_seconds"] = round(time.perf_counter() - t0, 1)
@@ -160,6 +154,16 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
         update_artifact(path, {"report.json": json.dumps(report, indent=2)})
     print_quality_table(report, names, console)
     return report
+
+
+def storage_bytes(art: LoadedArtifact) -> dict[str, int]:
+    """File sizes of θ* and the exclusive modules, and what T dense experts take: T × the bytes of θ*'s
+    tensors (every expert has θ*'s tensors, stored as the artifact stores weights). Works for any artifact."""
+    with open(art.path / BACKBONE, "rb") as f:  # safetensors: u64 header length, JSON header, tensor data
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    per_expert = sum(end - start for k, v in header.items() if k != "__metadata__" for start, end in [v["data_offsets"]])
+    return {"backbone": (art.path / BACKBONE).stat().st_size, "exclusive": (art.path / EXCLUSIVE).stat().st_size,
+            "dense_experts": len(art.expert_names) * per_expert}
 
 
 def router_report(art: LoadedArtifact, test: dict[str, list[dict]]) -> dict:
@@ -211,7 +215,7 @@ def print_quality_table(report: dict, names: list[str], console: Console) -> Non
                                             for m in methods])
     console.print(table)
     s = report["storage_bytes"]
-    ratio = s["exclusive"] / s["dense_experts"] if s["dense_experts"] else float("nan")
+    ratio = s["exclusive"] / s["dense_experts"] if s.get("dense_experts") else float("nan")
     r = report.get("router")
     if r:
         console.print(f"router: held-out top-1 {r['heldout_accuracy']:.3f} · test top-1 {r['test_top1_accuracy']:.3f} · "
@@ -223,38 +227,62 @@ def print_quality_table(report: dict, names: list[str], console: Console) -> Non
 
 
 def rank_sweep(path: str | Path, ranks: list[int], tasks: str | Path | None = None, limit: int | None = None,
-               console: Console | None = None) -> list[dict]:
-    """Rebuild the artifact's recipe at each rank (temp dirs) and score Twin with oracle routing."""
+               console: Console | None = None, router_weights: Callable | None = None) -> list[dict]:
+    """Rebuild the artifact's recipe at each fixed rank (fp factors, no budget) and score Twin."""
+    def variant(recipe, r):
+        return recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": r, "energy": None}),
+                                         "compress": recipe.compress.model_copy(update={"budget": None})})
+    return _sweep(path, "rank", ranks, variant, tasks, limit, console, router_weights)
+
+
+def budget_sweep(path: str | Path, fractions: list[float], factor_dtype: str | None = None,
+                 tasks: str | Path | None = None, limit: int | None = None, console: Console | None = None,
+                 router_weights: Callable | None = None) -> list[dict]:
+    """Rebuild the artifact's recipe at each byte budget (fraction of the dense experts; factors as the
+    recipe stores them unless ``factor_dtype``) and score Twin: the curve bytes fraction -> normalised score."""
+    def variant(recipe, f):
+        update = {"budget": f} if factor_dtype is None else {"budget": f, "factor_dtype": factor_dtype}
+        return recipe.model_copy(update={"compress": recipe.compress.model_copy(update=update)})
+    return _sweep(path, "budget", fractions, variant, tasks, limit, console, router_weights)
+
+
+def _sweep(path, label: str, values: list, variant: Callable, tasks, limit, console, router_weights) -> list[dict]:
+    """Rebuild ``variant(recipe, v)`` for each v in temp dirs, score twin_oracle (and twin_router with the
+    artifact's own router: θ* and so the router's features are the same in every variant)."""
     import tempfile
 
     from compression.build import build_artifact
     from compression.recipe import Recipe
-    from twin.artifact import verify_artifact
+    from twin.artifact import ROUTER, verify_artifact
 
     console = console or Console(stderr=True)
     manifest = verify_artifact(path)
     if manifest.recipe is None:
-        raise EvalError(f"{path}: manifest has no recipe; rebuild it with this version to sweep ranks")
+        raise EvalError(f"{path}: manifest has no recipe; rebuild it with this version to sweep")
     recipe = Recipe.model_validate(manifest.recipe)
     tasks = str(find_tasks_dir(manifest, tasks))  # checked once, before any rebuild
+    methods = ("expert", "twin_oracle") + (("twin_router",) if manifest.router and router_weights else ())
     rows = []
     quiet = Console(quiet=True)
-    for r in ranks:
-        with tempfile.TemporaryDirectory() as tmp, console.status(f"rank {r}: build + twin_oracle"):
+    for v in values:
+        with tempfile.TemporaryDirectory() as tmp, console.status(f"{label} {v}: build + {', '.join(methods[1:])}"):
             out = Path(tmp) / "a"
-            rec = recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": r, "energy": None})})
-            build_artifact(rec, out, quiet=True)
-            rep = evaluate(out, tasks=tasks, limit=limit, methods=("expert", "twin_oracle"), write=False,
-                           console=quiet)
-            s = rep["storage_bytes"]
-            rows.append({"rank": r, "twin_oracle_normalized": rep["quality"]["normalized"]["twin_oracle"],
+            build_artifact(variant(recipe, v), out, quiet=True)
+            if "twin_router" in methods:
+                update_artifact(out, {ROUTER: (Path(path) / ROUTER).read_bytes()}, {"router": manifest.router})
+            rep = evaluate(out, tasks=tasks, limit=limit, methods=methods, write=False, console=quiet,
+                           router_weights=router_weights, router_details=False)
+            s, norm = rep["storage_bytes"], rep["quality"]["normalized"]
+            rows.append({label: v, "twin_oracle_normalized": norm["twin_oracle"],
+                         "twin_router_normalized": norm.get("twin_router"),
                          "exclusive_bytes": s["exclusive"], "dense_experts_bytes": s["dense_experts"],
                          "exclusive_fraction": round(s["exclusive"] / s["dense_experts"], 4)})
-    table = Table(title="rank sweep: Twin with oracle routing")
-    for col in ("rank", "twin_oracle normalised", "exclusive bytes", "fraction of dense experts"):
+    table = Table(title=f"{label} sweep: Twin normalised score vs exclusive bytes")
+    for col in (label, "fraction of dense experts", "exclusive bytes", "twin_oracle", "twin_router"):
         table.add_column(col, justify="right")
     for row in rows:
-        table.add_row(str(row["rank"]), f"{row['twin_oracle_normalized']:.3f}", f"{row['exclusive_bytes']:,}",
-                      f"{row['exclusive_fraction']:.3f}")
+        router = row["twin_router_normalized"]
+        table.add_row(str(row[label]), f"{row['exclusive_fraction']:.3f}", f"{row['exclusive_bytes']:,}",
+                      f"{row['twin_oracle_normalized']:.3f}", "" if router is None else f"{router:.3f}")
     console.print(table)
     return rows

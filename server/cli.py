@@ -88,7 +88,21 @@ def cmd_eval(args) -> int:
             raise UsageError(f"--sweep-ranks: expected comma-separated integers, got {args.sweep_ranks!r}") from None
         if any(r < 1 for r in ranks):
             raise UsageError("--sweep-ranks: ranks must be >= 1")
-        rows = rank_sweep(args.artifact, ranks, tasks=args.tasks, limit=args.limit, console=console)
+        rows = rank_sweep(args.artifact, ranks, tasks=args.tasks, limit=args.limit, console=console,
+                          router_weights=_router_weights())
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        return 0
+    if args.sweep_budget:
+        from bench.quality import budget_sweep
+        try:
+            fractions = [float(x) for x in args.sweep_budget.split(",")]
+        except ValueError:
+            raise UsageError(f"--sweep-budget: expected comma-separated fractions, got {args.sweep_budget!r}") from None
+        if any(not 0 < f <= 1 for f in fractions):
+            raise UsageError("--sweep-budget: fractions must be in (0, 1]")
+        rows = budget_sweep(args.artifact, fractions, tasks=args.tasks, limit=args.limit, console=console,
+                            router_weights=_router_weights())
         if args.json:
             print(json.dumps(rows, indent=2))
         return 0
@@ -177,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the quality section as JSON on stdout")
     e.add_argument("--sweep-ranks", default=None, metavar="R1,R2,...",
                    help="instead: rebuild the artifact's recipe at these ranks and score twin_oracle at each")
+    e.add_argument("--sweep-budget", default=None, metavar="F1,F2,...",
+                   help="instead: rebuild the artifact's recipe at these byte budgets (fractions of the dense "
+                        "experts) and score twin_oracle / twin_router at each")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="build (or reuse) the demo zoo and artifact, train the router, evaluate")
