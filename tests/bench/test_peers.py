@@ -110,7 +110,12 @@ def test_roofline_counts_the_step_matmuls(synthetic, served):
     assert sum(o * d for _, o, d in shapes) == L * per_layer + v * h and shapes[-1][0] == "lm_head"
     peak = matmul_peak([torch.randn(32, 16), torch.randn(8, 32)], m=5, passes=2)
     assert peak["flops_per_pass"] == 2 * 5 * (32 * 16 + 8 * 32) and peak["passes"] >= 2
+    for kernel in ("torch_mm", "onednn_packed") if torch.backends.mkldnn.is_available() else ("torch_mm",):
+        p = matmul_peak([torch.randn(32, 16), torch.randn(8, 32)], m=5, passes=2, kernel=kernel)
+        assert p["flops_per_pass"] == peak["flops_per_pass"] and p["kernel"] == kernel
     out = roofline(model, served.model, _prompts(), batch_size=4)
+    assert "torch_mm" in out["kernels"] and out["peak_kernel"] in out["kernels"]
+    assert out["peak_matmul_gflops_per_s"] == max(k["gflops_per_s"] for k in out["kernels"].values())
     assert out["step_matmul_flops"] == 2 * 4 * (L * per_layer + v * h)
     achieved = out["step_matmul_flops"] / out["backbone_decode_step_seconds"]   # the step seconds are rounded
     assert out["achieved_matmul_flops_per_s"] == pytest.approx(achieved, rel=1e-3)
