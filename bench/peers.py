@@ -67,7 +67,10 @@ def peft_mixed_model(model: nn.Module, path: str | Path) -> nn.Module:
     with deltas, and dense 1-D deltas (norm gains, biases): PEFT's per-adapter module copies
     (modules_to_save) refuse mixed batches for anything but Linear/Embedding/Conv modules.
     """
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise PeerError("peft is not installed (it is in twinserve's dev extras): pip install 'peft>=0.11'") from None
 
     path = Path(path)
     manifest = read_manifest(path)
