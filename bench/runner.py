@@ -209,14 +209,14 @@ def engine_memory(engine: Engine) -> tuple[int, dict]:
         seen.add(key)
         parts[kind] += nbytes
 
-    for kind, t in _module_tensors(engine.model):
+    for kind, t in _module_tensors(engine.runner.model):
         add(kind, t)
-    for t in engine.cache.buffers():
+    for t in engine.runner.cache.buffers():
         add("kv_cache", t)
-    for m in engine._fused.values():
+    for m in engine.runner._models.values():
         for _, t in _module_tensors(m):
             add("fused_models", t)
-    if engine.router is not None and engine.mode != "backbone":
+    if engine.router is not None and engine.mode.routed:
         for _, t in _module_tensors(engine.router.mlp):
             add("router", t)
     return sum(parts.values()), parts
@@ -303,7 +303,7 @@ async def _closed_loop(engine: Engine, prompts: list[Prompt], concurrency: int, 
             while True:
                 kind, payload = await req.events.get()
                 if kind == "error":
-                    raise BenchError(f"request {i} ({p.task}) failed in {engine.mode} mode: {payload}")
+                    raise BenchError(f"request {i} ({p.task}) failed in {engine.mode.name} mode: {payload}")
                 if kind == "done":
                     # keep numbers, not the Request: it references the model it ran on, and in
                     # materialize mode that is a whole fused model per request

@@ -198,5 +198,5 @@ async def metrics(http: Request):
 async def stats(http: Request, window: float = 60.0):
     svc: Service = http.app.state.service
     window = min(max(window, 5.0), 300.0)
-    return {"model": svc.model_name, "mode": svc.engine.mode, "experts": svc.names,
+    return {"model": svc.model_name, "mode": svc.engine.mode.name, "experts": svc.names,
             **http.app.state.metrics.stats(window)}

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
                           "below 4)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="rows in the running decode batch")
-    max_tokens_per_step: int = Field(4096, ge=16, description="prompt tokens prefilled per engine step")
+    max_tokens_per_step: int = Field(512, ge=16, description="tokens per engine step (decode tokens + prefill "
+                                     "chunks, one forward): longer prompts are prefilled in chunks across steps")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_model_len: int | None = Field(None, ge=8, description="context limit and KV cache length per slot (default: min(model max positions, 2048))")
     max_tokens_default: int = Field(16, ge=1, description="max_tokens when the request omits it")

@@ -51,28 +51,35 @@ async def chat(svc, content: str, model: str = "tiny", **fields) -> dict:
 
 
 def record_batches(engine) -> dict[str, list[int]]:
-    """Wrap the engine's prefill/decode to record the number of rows of every call."""
+    """Wrap the runner's step to record, per step, the prefill chunks and the decode rows it carried."""
     sizes: dict[str, list[int]] = {"prefill": [], "decode": []}
-    for kind in sizes:
-        orig = getattr(engine, "_" + kind)
+    orig = engine.runner.step
 
-        def wrapped(reqs, _orig=orig, _kind=kind):
-            sizes[_kind].append(len(reqs))
-            return _orig(reqs)
-        setattr(engine, "_" + kind, wrapped)
+    def wrapped(plan):
+        if plan.chunks:
+            sizes["prefill"].append(len(plan.chunks))
+        if plan.decode:
+            sizes["decode"].append(len(plan.decode))
+        return orig(plan)
+    engine.runner.step = wrapped
     return sizes
 
 
+def wrap_step(engine, before) -> None:
+    """Call ``before(plan)`` in the engine thread ahead of every model runner step."""
+    orig = engine.runner.step
+
+    def wrapped(plan):
+        before(plan)
+        return orig(plan)
+    engine.runner.step = wrapped
+
+
 def make_long(engine, delay_s: float = 0.0) -> None:
-    """Every request runs to max_tokens (no <eos>), each decode step takes at least ``delay_s``."""
+    """Every request runs to max_tokens (no <eos>), each step takes at least ``delay_s``."""
     engine.eos_ids = set()
     if delay_s:
-        orig = engine._decode
-
-        def slow(reqs):
-            time.sleep(delay_s)
-            return orig(reqs)
-        engine._decode = slow
+        wrap_step(engine, lambda plan: time.sleep(delay_s))
 
 
 def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:

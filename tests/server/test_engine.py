@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from server.errors import InternalError
+from tests.conftest import app_client, live_server
 from twin.artifact import read_manifest
 from twin.generate import encode_prompt
-from tests.conftest import app_client, live_server
 
 from .helpers import (
     TASK_PROMPTS,
@@ -53,14 +53,14 @@ def test_output_is_the_same_alone_and_inside_a_mixed_batch(routed_artifact):
             alone = [await complete(svc, **c) for c in MIXED + [LATE]]
             sizes = record_batches(engine)
             loop, late = asyncio.get_running_loop(), []
-            recorded_decode = engine._decode
+            recorded_step = engine.runner.step
 
-            def decode_then_submit_late(reqs):   # engine thread: submit LATE right after the 2nd decode step
-                out = recorded_decode(reqs)
-                if len(sizes["decode"]) == 2:
+            def step_then_submit_late(plan):     # engine thread: submit LATE right after the 2nd decode step
+                out = recorded_step(plan)
+                if len(sizes["decode"]) == 2 and not late:
                     loop.call_soon_threadsafe(lambda: late.append(asyncio.ensure_future(complete(svc, **LATE))))
                 return out
-            engine._decode = decode_then_submit_late
+            engine.runner.step = step_then_submit_late
             tasks = [asyncio.create_task(complete(svc, **c)) for c in MIXED]   # all queued before the next step
             await await_for(lambda: late, what="the late request")
             together = await asyncio.gather(*tasks, late[0])
@@ -69,7 +69,8 @@ def test_output_is_the_same_alone_and_inside_a_mixed_batch(routed_artifact):
 
     alone, together, sizes = asyncio.run(main())
     assert sizes["prefill"] == [len(MIXED), 1], sizes             # all mixed requests were prefilled together,
-    assert sizes["decode"][:4] == [len(MIXED)] * 3 + [len(MIXED) + 1], sizes   # the late one joined at step 4
+    # the late one was prefilled in the same forward as the 3rd decode step and decodes from the 4th on
+    assert sizes["decode"][:4] == [len(MIXED)] * 3 + [len(MIXED) + 1], sizes
     for i, (a, b) in enumerate(zip(alone, together)):
         assert a["text"] == b["text"], (i, a, b)
         assert a["finish_reason"] == b["finish_reason"] == "length"
@@ -191,20 +192,20 @@ def test_engine_error_fails_every_running_request_and_frees_all_slots(routed_art
     async def main():
         async with running_engine(routed_artifact, max_batch_size=4) as (svc, engine):
             make_long(engine)
-            orig = engine._decode
+            orig = engine.runner.step
             calls = {"n": 0}
 
-            def broken(reqs):
+            def broken(plan):
                 calls["n"] += 1
                 if calls["n"] == 2:
                     raise RuntimeError("injected")
-                return orig(reqs)
-            engine._decode = broken
+                return orig(plan)
+            engine.runner.step = broken
             results = await asyncio.wait_for(asyncio.gather(
                 *(complete(svc, P[t][0], max_tokens=20) for t in ("math", "code", "chat")),
                 return_exceptions=True), timeout=20)
             await await_for(lambda: engine_idle(engine), what="slots to be freed after the failure")
-            engine._decode = orig
+            engine.runner.step = orig
             after = await complete(svc, P["math"][0], max_tokens=4)
             return results, after
 

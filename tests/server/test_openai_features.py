@@ -328,14 +328,13 @@ class ScriptedModel:
     def __init__(self, script: list[int], prompt_len: int, vocab: int):
         self.script, self.prompt_len, self.vocab = script, prompt_len, vocab
 
-    def __call__(self, tokens, positions, cache, slots, w=None, logits_at=None):
-        step = (positions[:, -1] if logits_at is None else logits_at) + 1 - self.prompt_len
-        if logits_at is None and tokens.shape[1] > 1:
-            raise AssertionError("prompt logprobs are not scripted")
-        logits = torch.full((tokens.shape[0], self.vocab), -30.0)
+    def step(self, flat, cache, w, logits_at):
+        """The model runner's unified step: logits (R, V) at the flat token indices ``logits_at``."""
+        step = flat.positions[logits_at] + 1 - self.prompt_len
+        logits = torch.full((logits_at.shape[0], self.vocab), -30.0)
         for i, s in enumerate(step.tolist()):
             logits[i, self.script[s]] = 30.0
-        return logits if logits_at is not None else logits[:, None]
+        return logits
 
 
 @pytest.mark.parametrize("case", ["eos_mid_char", "length_mid_char", "random_eos", "random_length"])
@@ -354,7 +353,7 @@ def test_detokeniser_flushes_at_every_finish_reason(routed_artifact, case):
             prompt = "add abc"
             svc.tokenizer = engine.tokenizer = bpe
             plen = len(bpe.encode(prompt))
-            engine.model = ScriptedModel(ids + [eos], plen, eos + 1)
+            engine.runner.model = ScriptedModel(ids + [eos], plen, eos + 1)   # rows take it when routed
             engine.eos_ids = {eos}
             max_tokens = len(ids) + (5 if "eos" in case else 0)
             return await complete(svc, prompt, model="tiny:math", max_tokens=max_tokens)

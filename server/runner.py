@@ -1,0 +1,232 @@
+"""The model runner: owns the model, the KV cache and the per-row tensors; one ``step(plan)`` per tick.
+
+It never sees HTTP or queues. A step turns the scheduler's `Plan` into one `FlatBatch` (decode tokens of
+running rows, then prefill chunks), runs one forward through the model (every weight read once), samples
+the rows that need a token and returns plain Python results. The serving modes are entries of one table
+(`MODES`): what weights a row carries and which model serves it.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from router.features import pooled_features
+from router.model import Router
+from twin.loading import LoadedArtifact
+from twin.model.hf import FlatBatch
+
+from .sampling import TokenLogprob, make_generator, prompt_logprobs, sample_rows
+from .scheduler import Plan
+
+
+# ---- serving modes --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServingMode:
+    """How a mode serves a row: with per-row deltas on the shared model (batched), or a dense model per
+    request (batch 1). ``model_key`` names the dense model for a row's w (LRU-cached)."""
+    name: str
+    deltas: bool           # rows carry w into the shared model's Twin layers
+    routed: bool           # the router (or the request) decides w
+    per_request: bool      # one dense model per request, batch 1
+    description: str
+
+    def model_key(self, w: torch.Tensor | None):
+        if self.name == "expert":
+            return ("expert", int(w.argmax()) if w is not None and float(w.sum()) > 0 else -1)
+        return None if w is None else ("fused", tuple(round(float(x), 2) for x in w))
+
+    def build_model(self, art: LoadedArtifact, w: torch.Tensor | None):
+        key = self.model_key(w)
+        if key is None or (key[0] == "expert" and key[1] < 0):
+            return art.model
+        return art.expert_model(key[1]) if key[0] == "expert" else art.model.fused(w)   # exact w
+
+
+MODES: dict[str, ServingMode] = {m.name: m for m in (
+    ServingMode("lowrank", deltas=True, routed=True, per_request=False,
+                description="θ* + Σ w_t B_t A_t x per row in one batch (top-k rows take the grouped path in fp32)"),
+    ServingMode("backbone", deltas=False, routed=False, per_request=False,
+                description="θ* only: no router, no deltas"),
+    ServingMode("materialize", deltas=False, routed=True, per_request=True,
+                description="reference: θ* + Σ w_t δ̂_t fused into a dense model per request (LRU by w)"),
+    ServingMode("expert", deltas=False, routed=True, per_request=True,
+                description="upper bound: the dense checkpoint of the router's top expert"),
+)}
+
+
+@dataclass
+class Row:
+    """Runner-side state of one running sequence (tensors live here, not on the request)."""
+    w: torch.Tensor | None
+    generator: torch.Generator | None
+    model: torch.nn.Module
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)   # echo logprobs: logits per chunk
+
+
+@dataclass
+class StepOutput:
+    sampled: list[tuple[object, int, TokenLogprob | None]]    # (sequence, token, logprob record)
+    prompt_logprobs: list[tuple[object, list]]                 # (sequence, per prompt token records)
+    prefill_tokens: int
+    decode_tokens: int
+
+
+class ModelRunner:
+    def __init__(self, art: LoadedArtifact, router: Router | None, mode: ServingMode, max_slots: int,
+                 max_len: int, fused_cache: int = 4):
+        self.art, self.router, self.mode = art, router, mode
+        self.model = art.model
+        self.device = self.model.device
+        self.names = art.expert_names
+        self.max_len = max_len
+        self.cache = self.model.new_cache(max_slots, max_len)
+        self.rows: dict[int, Row] = {}
+        self._models: collections.OrderedDict = collections.OrderedDict()
+        self._fused_cache = fused_cache
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def warmup(self, tokenizer) -> None:
+        prompt = tokenizer.encode("warm up", add_special_tokens=False)[:4] or [0]
+        w = torch.full((len(self.names),), 1.0 / max(1, len(self.names)), device=self.device)
+        model = self._model_for(w)
+        flat = FlatBatch.build([], [(prompt, 0, 0)], self.device)
+        rows = torch.arange(len(prompt), device=self.device)
+        model.step(flat, model.new_cache(1, 16), self._token_weights([w] * len(prompt)), rows)
+
+    def close(self) -> None:
+        self.rows.clear()
+        self._models.clear()
+        self.cache = None
+
+    def release(self, seq) -> None:
+        self.rows.pop(seq.id, None)
+
+    # ---- routing --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def route(self, seqs: list, default_top_k: int | None, default_temperature: float | None) -> dict[int, dict]:
+        """Expert weights w for newly admitted sequences; returns seq.id -> routing info (plain data)."""
+        need = [s for s in seqs if s.routing.weights is None and self.mode.routed and self.router is not None]
+        info: dict[int, dict] = {}
+        weights: dict[int, torch.Tensor | None] = {}
+        if need:
+            t0 = time.perf_counter()
+            pad = self.art.tokenizer.pad_token_id or 0
+            feats = pooled_features(self.model, [s.prompt_ids for s in need], self.router.config.feature_layer,
+                                    pad).cpu()  # the router MLP is tiny and lives on the CPU
+            groups: dict[tuple, list[int]] = {}
+            for i, s in enumerate(need):
+                groups.setdefault((s.routing.top_k or default_top_k,
+                                   s.routing.temperature or default_temperature), []).append(i)
+            for (k, temp), idx in groups.items():
+                out = self.router.route(feats[idx], temperature=temp, top_k=k)
+                for j, i in enumerate(idx):
+                    s = need[i]
+                    weights[s.id] = out.weights[j].to(self.device)
+                    info[s.id] = {"top_expert": self.names[int(out.top[j])], "entropy": round(float(out.entropy[j]), 4),
+                                  "fallback": bool(out.fallback[j]), "source": "router"}
+            ms = round((time.perf_counter() - t0) * 1000 / len(need), 3)
+            for s in need:
+                info[s.id]["router_ms"] = ms
+        for s in seqs:
+            if s.id not in info:
+                if not self.mode.routed:
+                    weights[s.id] = None
+                    info[s.id] = {"top_expert": None, "entropy": 0.0, "fallback": False, "router_ms": 0.0,
+                                  "source": self.mode.name}
+                elif s.routing.weights is not None:
+                    w = torch.as_tensor(s.routing.weights, dtype=torch.float32).to(self.device)
+                    weights[s.id] = w
+                    info[s.id] = {"top_expert": self.names[int(w.argmax())] if float(w.sum()) > 0 else None,
+                                  "entropy": entropy(w), "fallback": False, "router_ms": 0.0, "source": "request"}
+                else:  # no router in the artifact: uniform weights
+                    w = torch.full((len(self.names),), 1.0 / len(self.names), device=self.device)
+                    weights[s.id] = w
+                    info[s.id] = {"top_expert": None, "entropy": entropy(w), "fallback": True, "router_ms": 0.0,
+                                  "source": "uniform"}
+            w = weights[s.id]
+            info[s.id]["weights"] = {n: round(x, 6) for n, x in
+                                     zip(self.names, w.tolist() if w is not None else [0.0] * len(self.names))}
+            self.rows[s.id] = Row(w, make_generator(s.params, self.device), self._model_for(w))
+        return info
+
+    def _model_for(self, w: torch.Tensor | None):
+        if not self.mode.per_request:
+            return self.model
+        key = self.mode.model_key(w)
+        m = self._models.get(key)
+        if m is None:
+            m = self._models[key] = self.mode.build_model(self.art, w)
+            while len(self._models) > self._fused_cache:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return m
+
+    def _token_weights(self, ws: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if not self.mode.deltas:
+            return None
+        return torch.stack(ws)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, plan: Plan) -> StepOutput:
+        """Execute ``plan`` as one forward. Decode rows use ``seq.next_token`` at position
+        len(prompt) + len(generated) − 1."""
+        decode = [(s.next_token, len(s.prompt_ids) + len(s.generated) - 1, s.slot) for s in plan.decode]
+        chunks = [(c.seq.prompt_ids[c.start:c.end], c.seq.slot, c.start) for c in plan.chunks]
+        flat = FlatBatch.build(decode, chunks, self.device)
+        at: list[int] = list(range(len(decode)))
+        sample_seqs = list(plan.decode)
+        echo: list[tuple] = []      # (chunk, first row in the logits, row count)
+        for c, (start, n, _, _) in zip(plan.chunks, flat.segments):
+            if c.seq.params.prompt_logprobs is not None:
+                echo.append((c, len(at), n))
+                at.extend(range(start, start + n))
+                if c.last:
+                    sample_seqs.append(c.seq)
+            elif c.last:
+                at.append(start + n - 1)
+                sample_seqs.append(c.seq)
+        ws = [self.rows[s.id].w for s in plan.decode]
+        for c in plan.chunks:
+            ws.extend([self.rows[c.seq.id].w] * (c.end - c.start))
+        models = {id(self.rows[s.id].model): self.rows[s.id].model for s in plan.decode}
+        models.update({id(self.rows[c.seq.id].model): self.rows[c.seq.id].model for c in plan.chunks})
+        if len(models) != 1:
+            raise RuntimeError("one step must run one model (per-request modes schedule one sequence)")
+        model = next(iter(models.values()))
+        logits = model.step(flat, self.cache, self._token_weights(ws), torch.tensor(at, device=self.device))
+        # which logits row samples each sequence
+        sample_rows_idx = list(range(len(decode)))
+        prompt_out = []
+        pos = len(decode)
+        for c in plan.chunks:
+            if c.seq.params.prompt_logprobs is not None:
+                n = c.end - c.start
+                row = self.rows[c.seq.id]
+                row.prompt_logits.append(logits[pos:pos + n])
+                if c.last:
+                    sample_rows_idx.append(pos + n - 1)
+                    full = torch.cat(row.prompt_logits)
+                    prompt_out.append((c.seq, prompt_logprobs(full, c.seq.prompt_ids, c.seq.params.prompt_logprobs)))
+                    row.prompt_logits = []
+                pos += n
+            elif c.last:
+                sample_rows_idx.append(pos)
+                pos += 1
+        sampled = []
+        if sample_seqs:
+            sel = logits[torch.tensor(sample_rows_idx, device=logits.device)]
+            tokens, records = sample_rows(sel, [s.params for s in sample_seqs],
+                                          [self.rows[s.id].generator for s in sample_seqs],
+                                          [s.generated for s in sample_seqs])
+            sampled = list(zip(sample_seqs, tokens, records))
+        return StepOutput(sampled, prompt_out, sum(c.end - c.start for c in plan.chunks), len(decode))
+
+
+def entropy(w: torch.Tensor) -> float:
+    p = w.float() / w.float().sum().clamp_min(1e-12)
+    return round(float(-(p * p.clamp_min(1e-12).log()).sum()), 4) + 0.0  # no -0.0 in JSON
