@@ -228,7 +228,8 @@ def print_quality_table(report: dict, names: list[str], console: Console) -> Non
 
 def rank_sweep(path: str | Path, ranks: list[int], tasks: str | Path | None = None, limit: int | None = None,
                console: Console | None = None, router_weights: Callable | None = None) -> list[dict]:
-    """Rebuild the artifact's recipe at each fixed rank (fp factors, no budget) and score Twin."""
+    """Rebuild the artifact's recipe at each fixed rank (no budget; factors stored as the recipe stores them)
+    and score Twin."""
     def variant(recipe, r):
         return recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": r, "energy": None}),
                                          "compress": recipe.compress.model_copy(update={"budget": None})})
