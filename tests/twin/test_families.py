@@ -135,10 +135,12 @@ def test_prepacked_weights_give_the_same_logits(family, family_artifacts):
     w = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
     for a, b in zip(run(plain.model, seqs, w), run(packed.model, seqs, w)):
         assert float((a - b).abs().max()) <= TOL
-    # the reference path unpacks exactly
+    # the reference paths unpack exactly: θ* and the materialised θ* + Σ w_t δ̂_t
     state_a, state_b = plain.model.backbone_state(), packed.model.backbone_state()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    fused_a, fused_b = plain.model.fused(w[1]).backbone_state(), packed.model.fused(w[1]).backbone_state()
+    assert all(torch.equal(fused_a[k], fused_b[k]) for k in fused_a)
 
 
 def alone(model, ids: list[int], extra: list[int], w_row: torch.Tensor) -> torch.Tensor:
