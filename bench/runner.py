@@ -101,7 +101,7 @@ class RunResult:
 
 # ---- artifacts --------------------------------------------------------------------------------------
 def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = True,
-                        backend: str = "transformers", prepack_batch: int | None = None) -> LoadedArtifact:
+                        prepack_batch: int | None = None) -> LoadedArtifact:
     """As ``server.app.load_state`` loads it on CPU/fp32 (backbone mode: ``with_experts=False``).
 
     ``prepack_batch``: what the server passes for its max_batch_size (oneDNN weight layout; None: dense).
@@ -109,7 +109,7 @@ def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = Tru
     from compression.experts import read_expert_state
 
     return load_artifact(path, device="cpu", dtype="float32", verify=verify, with_experts=with_experts,
-                         backend=backend, expert_reader=read_expert_state, prepack_batch=prepack_batch)
+                         expert_reader=read_expert_state, prepack_batch=prepack_batch)
 
 
 def server_prepack_batch(batch_sizes: list[int]) -> int | None:
@@ -490,7 +490,7 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                          requests: int, max_tokens: int, tasks: str | Path | None = None,
                          log: Callable[[str], None] = lambda s: None, equivalence_requests: int = 16,
                          serial_requests: int | None = 16, min_seconds: float = 0.0,
-                         backend: str = "transformers", peer_batch: int | None = None) -> ArtifactBench:
+                         peer_batch: int | None = None) -> ArtifactBench:
     """Every mode at every batch size (materialize/expert once, at batch 1) on one artifact.
 
     Batched modes are interleaved per batch size (backbone, lowrank, lowrank_top2 back to back) so a
@@ -511,8 +511,8 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
 
     t0 = time.perf_counter()
     prepack = server_prepack_batch(batch_sizes)
-    full = load_bench_artifact(path, with_experts=True, verify=True, backend=backend, prepack_batch=prepack)
-    bb = (load_bench_artifact(path, with_experts=False, verify=False, backend=backend, prepack_batch=prepack)
+    full = load_bench_artifact(path, with_experts=True, verify=True, prepack_batch=prepack)
+    bb = (load_bench_artifact(path, with_experts=False, verify=False, prepack_batch=prepack)
           if "backbone" in modes else None)
     router = load_router(full.path, full.manifest)
     n_warm = max(batch_sizes + [2])
@@ -594,7 +594,7 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                                                    "fallback": router.config.fallback},
             "experts": full.expert_names, "num_layers": full.model.args.num_layers,
             "hidden_size": full.model.args.hidden_size, "vocab_size": full.model.args.vocab_size,
-            "backend": backend, "prepack_batch": prepack, **info_extra}
+            "prepack_batch": prepack, **info_extra}
     if "lowrank" in modes and "materialize" in modes and equivalence_requests > 0:
         info["equivalence"] = await pinned_equivalence(full, router, workload, max_tokens, max_len,
                                                        max(batch_sizes), equivalence_requests, label)

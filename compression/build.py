@@ -99,7 +99,7 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{tok_dir}: cannot load tokenizer: {e}") from None
-    params = merge_params(recipe.merge.method, **recipe.merge.model_dump(exclude={"method"}))
+    params = merge_params(recipe.merge.method, **recipe.merge_options())  # per-expert weights + densities
     policy = recipe.rank
     src = CheckpointSources(base, experts, config)
     if src.untie:

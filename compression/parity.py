@@ -50,7 +50,7 @@ def reference_model(config, state: dict[str, torch.Tensor]):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing, _unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if model.config.tie_word_embeddings:
         model.tie_weights()
     bad = [m for m in missing if m != "lm_head.weight" or not model.config.tie_word_embeddings]

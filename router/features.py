@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from twin.model import TwinModel
 from twin.generate import encode_prompts, length_buckets, right_pad
+from twin.model import TwinModel
 
 
 @torch.inference_mode()

@@ -73,7 +73,7 @@ def stratified_split(rows: list[dict], heldout: float, seed: int) -> tuple[list[
         by_task.setdefault(r["task"], []).append(i)
     for idx in by_task.values():
         rng.shuffle(idx)
-        k = max(1, int(round(len(idx) * heldout)))
+        k = max(1, round(len(idx) * heldout))
         test += idx[:k]
         train += idx[k:]
     return train, test

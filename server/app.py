@@ -38,7 +38,7 @@ def load_state(app: FastAPI, settings: Settings) -> None:
 
     art = load_artifact(settings.artifact, device=settings.device, dtype=settings.dtype,
                         verify=settings.verify_artifact, with_experts=settings.mode != "backbone",
-                        backend=settings.backend, expert_reader=read_expert_state,
+                        expert_reader=read_expert_state,
                         prepack_batch=settings.max_batch_size if settings.prepack and settings.max_batch_size >= 4
                         else None)
     router = load_router(art.path, art.manifest)

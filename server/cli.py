@@ -18,12 +18,12 @@ class UsageError(ValueError):
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from bench.quality import EvalError
-    from twin.artifact import ArtifactError
     from compression.checkpoints import CheckpointError
+    from compression.parity import ParityError
     from compression.recipe import RecipeError
     from loadtest.workload import LoadtestError
     from router.train import RouterDataError
-    from compression.parity import ParityError
+    from twin.artifact import ArtifactError
     from twin.model import UnsupportedModelError
     return (ParityError, ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
             RouterDataError, LoadtestError)
@@ -120,9 +120,9 @@ def _router_weights():
 
 def cmd_demo(args) -> int:
     """zoo (cached) -> artifact (cached) -> router -> eval."""
-    from twin.artifact import ArtifactError, read_report, verify_artifact
     from compression.build import build_artifact
     from compression.recipe import load_recipe
+    from twin.artifact import ArtifactError, read_report, verify_artifact
     from zoo.build import ZooSettings, build_zoo
     info = build_zoo(args.zoo, ZooSettings(seed=args.seed), console=console)
     recipe = load_recipe(Path(args.zoo) / "recipe.yaml")

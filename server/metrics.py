@@ -96,5 +96,5 @@ class Metrics:
 def _pct(sorted_vals: list[float], q: float) -> float | None:
     if not sorted_vals:
         return None
-    k = min(len(sorted_vals) - 1, max(0, int(round(q / 100 * (len(sorted_vals) - 1)))))
+    k = min(len(sorted_vals) - 1, max(0, round(q / 100 * (len(sorted_vals) - 1))))
     return round(sorted_vals[k], 4)

@@ -8,12 +8,11 @@ from .settings import Settings
 
 def cmd_serve(args) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from twin.artifact import verify_artifact
 
     from .app import create_app
-    from pydantic import ValidationError
-
     from .cli import UsageError
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     try:

@@ -20,9 +20,6 @@ class Settings(BaseSettings):
     model_name: str | None = Field(None, description="model id in the API (default: artifact dir name)")
     mode: Mode = Field("lowrank", description="lowrank (batched activation-side deltas), materialize "
                        "(fuse weights per request, batch 1), backbone (shared only), expert (dense experts, batch 1)")
-    backend: Literal["transformers", "native"] = Field(
-        "transformers", description="transformers (transformers' own model class with Twin layers; every "
-        "decoder-only architecture) | native (plain-torch Llama/Mistral/Qwen2 without sliding windows)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU")

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from twin.artifact import BACKBONE, load_exclusive, load_tensors, read_manifest, verify_artifact
 from twin.manifest import Manifest
-from twin.model import BACKENDS, TwinModel
+from twin.model import TwinModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,11 +72,9 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def build_model(config: PretrainedConfig, state: dict, manifest: Manifest | None, device, dtype,
-                with_experts: bool = True, path: Path | None = None, backend: str = "transformers") -> TwinModel:
-    """θ* (+ the artifact's exclusive deltas) in the chosen backend (twin.model.BACKENDS) on device/dtype."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    model = BACKENDS[backend](config, {k: v.to(device=device, dtype=dtype) for k, v in state.items()})
+                with_experts: bool = True, path: Path | None = None) -> TwinModel:
+    """θ* (+ the artifact's exclusive deltas) in transformers' own model class, on device/dtype."""
+    model = TwinModel(config, {k: v.to(device=device, dtype=dtype) for k, v in state.items()})
     if with_experts and manifest is not None and path is not None:
         lowrank, dense = load_exclusive(path, manifest)
         model.attach_deltas(manifest.expert_names,
@@ -86,7 +84,7 @@ def build_model(config: PretrainedConfig, state: dict, manifest: Manifest | None
 
 
 def load_artifact(path: str | Path, device: str = "auto", dtype: str = "auto", verify: bool = True,
-                  with_experts: bool = True, backend: str = "transformers",
+                  with_experts: bool = True,
                   expert_reader: Callable | None = None, prepack_batch: int | None = None) -> LoadedArtifact:
     """Verify (checksums) and load an artifact. Raises ArtifactError naming the bad file.
 
@@ -97,7 +95,7 @@ def load_artifact(path: str | Path, device: str = "auto", dtype: str = "auto", v
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     config = config_from_manifest(manifest)
-    model = build_model(config, load_tensors(path, BACKBONE), manifest, dev, dt, with_experts, path, backend)
+    model = build_model(config, load_tensors(path, BACKBONE), manifest, dev, dt, with_experts, path)
     if prepack_batch and hasattr(model, "prepack"):
         model.prepack(prepack_batch)   # CPU oneDNN layout for the linears (twin.model.hf.PackedLinear)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)

@@ -8,7 +8,7 @@ from transformers import GPT2Config, LlamaForCausalLM, MistralConfig
 
 from twin.artifact import BACKBONE, EXCLUSIVE, exclusive_key, read_manifest
 from twin.loading import config_from_manifest, load_artifact
-from twin.model import NativeTwinModel, TwinModel, UnsupportedModelError, check_supported
+from twin.model import TwinModel, UnsupportedModelError, check_supported
 from tests.conftest import make_tiny_model
 
 TOL = 1e-4
@@ -64,10 +64,8 @@ def test_unsupported_model_type_is_rejected():
 
     with pytest.raises(UnsupportedModelError, match="'t5'.*encoder-decoder.*supported: llama"):
         check_supported(T5Config(d_model=32, num_layers=1, num_heads=4, vocab_size=37))
-    check_supported(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=37))   # served since the backend swap
-    with pytest.raises(UnsupportedModelError, match="sliding_window"):
-        NativeTwinModel(MistralConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
-                                      sliding_window=4), {})
+    check_supported(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=37))
+    check_supported(MistralConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, sliding_window=4))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -135,7 +135,7 @@ class FlatBatch:
             pos.extend(range(p0, p0 + len(ids)))
             slots.extend([slot] * len(ids))
         k = len(decode)
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
         dec_slots = [s for _, _, s in decode]
         dense = bool(k) and dec_slots == list(range(dec_slots[0], dec_slots[0] + k))
         return cls(t(toks), t(pos), t(slots), torch.arange(k, device=device) if k else None, segments,
