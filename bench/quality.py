@@ -83,10 +83,12 @@ def score_model(model, tokenizer, data: dict[str, list[dict]], w_for: Callable[[
 
 def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | None = None,
              methods: tuple[str, ...] = METHODS, write: bool = True, console: Console | None = None,
-             router_weights: Callable | None = None, router_details: bool = True) -> dict:
+             router_weights: Callable | None = None, router_details: bool = True,
+             dtype: str = "float32") -> dict:
+    """``dtype``: the serving dtype to score (float32, or bfloat16 to measure what bf16 serving costs)."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    art = load_artifact(path, device="cpu", dtype="float32")
+    art = load_artifact(path, device="cpu", dtype=dtype)
     names = art.expert_names
     tasks_dir = find_tasks_dir(art.manifest, tasks)
     test = load_split(tasks_dir, names, "test", limit)
@@ -96,7 +98,7 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
     chosen: dict[str, dict] = {}
 
     def dense_model(state):
-        return build_model(art.config, state, None, "cpu", torch.float32, with_experts=False)
+        return build_model(art.config, state, None, "cpu", art.model.dtype, with_experts=False)
 
     need_dense = {"expert", "base", "task_arithmetic", "ties", "dare_ties"} & set(methods)
     if need_dense:

@@ -173,9 +173,12 @@ def _module_tensors(module: torch.nn.Module):
     for m in module.modules():
         for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)):
             yield "weights", t
-        packed = getattr(m, "packed", None)      # oneDNN-prepacked linear weight (plain attribute)
-        if isinstance(packed, torch.Tensor):
-            yield "weights", packed
+        # oneDNN-prepacked tensors are plain attributes: PackedLinear.packed (W*), PackedTwinLinear.wa
+        # ([W*; A_cat], counted as weights) and .b (B_cat)
+        for name, kind in (("packed", "weights"), ("wa", "weights"), ("b", "deltas")):
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor) and t.is_mkldnn:
+                yield kind, t
         for name in ("deltas", "bias_deltas"):
             d = getattr(m, name, None)
             if isinstance(d, LowRankDeltas):

@@ -107,7 +107,8 @@ def cmd_eval(args) -> int:
             print(json.dumps(rows, indent=2))
         return 0
     report = evaluate(args.artifact, tasks=args.tasks, limit=args.limit, methods=methods,
-                      write=not args.no_write, console=console, router_weights=_router_weights())
+                      write=not args.no_write and args.dtype == "float32", console=console,
+                      router_weights=_router_weights(), dtype=args.dtype)
     if args.json:
         print(json.dumps(report["quality"], indent=2))
     return 0
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: tasks/ beside the artifact's base model)")
     e.add_argument("--limit", type=positive_int, default=None, help="at most this many prompts per task and split")
     e.add_argument("--methods", default=None, help="comma-separated subset of methods")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="serving dtype to score (bfloat16: what bf16 serving costs in quality)")
     e.add_argument("--no-write", action="store_true", help="do not write the results into report.json")
     e.add_argument("--json", action="store_true", help="also print the quality section as JSON on stdout")
     e.add_argument("--sweep-ranks", default=None, metavar="R1,R2,...",

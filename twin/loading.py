@@ -66,8 +66,18 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA, and on a CPU with native bf16 dot products (AVX512-BF16 / AMX, what oneDNN
+    needs for fast bf16 GEMMs); fp32 on other CPUs.
+
+    bf16 on CPU was chosen by measurement: ``twinserve eval artifacts/demo --dtype bfloat16`` gave the same
+    twin_router score on every task as fp32 (normalised 1.006 both), and a synthetic hidden-1024 decode step
+    at batch 16 ran 1.42x (backbone) and 1.29x (8-expert soft routing) faster than fp32.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from twin.model.hf import can_prepack
+        return torch.bfloat16 if can_prepack(device, torch.bfloat16) else torch.float32
     return DTYPES[dtype]
 
 
