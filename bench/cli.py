@@ -70,7 +70,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
               modes: tuple[str, ...] = ALL_MODES, tasks: str | Path | None = None, quick: bool = False,
               threads: int | None = None, synthetic_dir: str | Path | None = None,
               serial_requests: int | None = None, min_seconds: float | None = None,
-              console: Console | None = None) -> dict:
+              console: Console | None = None, dtype: str = "float32") -> dict:
     """Run the benchmark and write the JSON report to ``out`` (atomically); return the report."""
     if console is None:
         console = Console(stderr=True)
@@ -107,7 +107,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         done = []
         kw = {"modes": modes, "batch_sizes": batch_sizes, "requests": requests, "max_tokens": max_tokens,
               "log": log, "equivalence_requests": min(16, requests), "serial_requests": serial_requests,
-              "min_seconds": min_seconds}
+              "min_seconds": min_seconds, "dtype": dtype}
         if artifact is not None:
             done.append(await bench_artifact(artifact, label, tasks=tasks, **kw))
         if synthetic:
@@ -156,7 +156,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         "memory_bytes": "distinct tensor storages held by the engine after the run: model weights, deltas, KV "
                         "cache, materialize/expert LRU models, router; rss_bytes = /proc/self/statm after the run "
                         "(whole process, includes every artifact loaded so far)",
-        "device": "cpu", "dtype": "float32", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device": "cpu", "dtype": dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "python": platform.python_version(),
         "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 1),
@@ -182,7 +182,7 @@ def cmd_bench(args) -> int:
               batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
               max_tokens=args.max_tokens, modes=parse_modes(args.modes), tasks=args.tasks, quick=args.quick,
               threads=args.threads, synthetic_dir=args.synthetic_dir, serial_requests=args.serial_requests,
-              min_seconds=args.min_seconds)
+              min_seconds=args.min_seconds, dtype=args.dtype)
     return 0
 
 
@@ -217,6 +217,8 @@ def register(sub) -> argparse.ArgumentParser:
                         "the same mix (default 16)")
     p.add_argument("--min-seconds", type=float, default=None, metavar="S",
                    help="repeat a timed loop shorter than S seconds (up to 5×) and report the median (default 3)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="model dtype for every system in the run (bfloat16 needs a CPU with native bf16 to be fast)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for tests: 8 requests, batch 1,4, "
                    "4 tokens, a 2-layer synthetic artifact")
     p.set_defaults(fn=cmd_bench)

@@ -37,13 +37,13 @@ class PeerError(ValueError):
 
 
 # ---- models -----------------------------------------------------------------------------------------
-def hf_backbone(path: str | Path) -> nn.Module:
-    """transformers' causal-LM class for the artifact's config with θ* loaded (CPU, fp32, eval)."""
+def hf_backbone(path: str | Path, dtype: str = "float32") -> nn.Module:
+    """transformers' causal-LM class for the artifact's config with θ* loaded (CPU, ``dtype``, eval)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     manifest = read_manifest(path)
-    model = AutoModelForCausalLM.from_config(config_from_manifest(manifest), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config_from_manifest(manifest), dtype=getattr(torch, dtype))
     missing, unexpected = model.load_state_dict(load_tensors(path, BACKBONE), strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
