@@ -37,29 +37,35 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_build(args) -> int:
+    from compression.recipe import load_recipe
+    recipe = load_recipe(args.recipe)
+    if args.rank is not None:
+        recipe = recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": args.rank, "energy": None})})
+    build_with_parity(recipe, args.output, skip_parity=args.skip_parity)
+    console.print(f"[green]artifact written[/] {args.output}")
+    return 0
+
+
+def build_with_parity(recipe, out, skip_parity: bool = False, **build_kwargs) -> None:
+    """Refuse an unserveable base in seconds, build, then run the parity gate (removing the artifact when
+    the served model differs from transformers) and record its result."""
     import shutil
 
     from compression.build import build_artifact
     from compression.experts import read_expert_state
     from compression.parity import ParityError, check_parity, record_parity
-    from compression.recipe import load_recipe
-    recipe = load_recipe(args.recipe)
-    if args.rank is not None:
-        recipe = recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": args.rank, "energy": None})})
     check_base_supported(recipe.base)   # before any merge work: seconds, not the whole build
-    build_artifact(recipe, args.output)
-    if args.skip_parity:
-        record_parity(args.output, None, skipped=True)
+    build_artifact(recipe, out, **build_kwargs)
+    if skip_parity:
+        record_parity(out, None, skipped=True)
         console.print("[yellow]parity gate skipped (--skip-parity, recorded in the manifest)[/]")
-    else:
-        try:
-            report = check_parity(args.output, read_expert_state, console=console)
-        except ParityError:
-            shutil.rmtree(args.output, ignore_errors=True)   # never leave an artifact that serves wrong logits
-            raise
-        record_parity(args.output, report)
-    console.print(f"[green]artifact written[/] {args.output}")
-    return 0
+        return
+    try:
+        report = check_parity(out, read_expert_state, console=console)
+    except ParityError:
+        shutil.rmtree(out, ignore_errors=True)   # never leave an artifact that serves wrong logits
+        raise
+    record_parity(out, report)
 
 
 def check_base_supported(base: str) -> None:
@@ -120,8 +126,7 @@ def _router_weights():
 
 
 def cmd_demo(args) -> int:
-    """zoo (cached) -> artifact (cached) -> router -> eval."""
-    from compression.build import build_artifact
+    """zoo (cached) -> artifact (cached, parity-gated) -> router -> eval."""
     from compression.recipe import load_recipe
     from twin.artifact import ArtifactError, read_report, verify_artifact
     from zoo.build import ZooSettings, build_zoo
@@ -137,7 +142,7 @@ def cmd_demo(args) -> int:
     if fresh:
         console.print(f"[green]artifact cache hit[/] {out}")
     else:
-        build_artifact(recipe, out, zoo_fingerprint=info["fingerprint"])
+        build_with_parity(recipe, out, zoo_fingerprint=info["fingerprint"])
     from router.train import ensure_demo_router
     ensure_demo_router(out, Path(args.zoo), console=console)
     report = read_report(out)
