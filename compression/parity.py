@@ -6,8 +6,10 @@ After ``twinserve build`` writes an artifact, each expert t is run three ways on
   materialised  transformers' own model class loaded with θ* + δ̂_t (the stored, possibly quantised factors)
   reference     transformers' own model class loaded with θ_t (a PEFT adapter merged as merge_and_unload does)
 
-served − materialised is **implementation error** (must be ≤ ``tol``, 1e-4 in fp32: the Twin layers,
-slot-cache attention and masks against transformers); materialised − reference is **compression error**
+served − materialised is **implementation error** (must be ≤ ``tol`` = 1e-4 in fp32, on logits scaled
+to at most 1 — max|Δ| / max(1, max|logit|) — so that a trained model whose logits reach 30 is held to
+the same relative fp32 rounding as a random one; the Twin layers, slot-cache attention and masks against
+transformers); materialised − reference is **compression error**
 (SVD truncation and factor quantisation; expected at low rank, reported, not gated). The backbone θ* is
 checked the same way (served with w = None vs transformers with θ*). An implementation error above
 ``tol`` raises ParityError naming the expert and the first layer whose hidden state differs.
@@ -121,11 +123,14 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
     seqs = prompt_ids(art.tokenizer, config.vocab_size, max_len)
     backbone = model.backbone_state()
     hf_bb = reference_model(config, backbone)
-    bb_err = _max_diff(_served(model, seqs, None), _reference(hf_bb, seqs))
-    if bb_err > tol:
-        where = first_differing_layer(model, hf_bb, seqs[0], None, tol)
+    ref_bb = _reference(hf_bb, seqs)
+    scale = max(1.0, max(float(r.abs().max()) for r in ref_bb))   # logit scale: the gate is relative to it
+    bb_err = _max_diff(_served(model, seqs, None), ref_bb)
+    if bb_err > tol * scale:
+        where = first_differing_layer(model, hf_bb, seqs[0], None, tol * scale)
         raise ParityError(f"parity gate: the backbone θ* served by twinserve differs from transformers by "
-                          f"{bb_err:.3g} > {tol:g} (max |Δlogit|); first difference at {where}")
+                          f"{bb_err:.3g} > {tol * scale:.3g} (max |Δlogit|; {tol:g} × logit scale {scale:.3g}); "
+                          f"first difference at {where}")
     del hf_bb
     manifest = art.manifest
     names = art.expert_names
@@ -137,11 +142,11 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
         hf_mat = reference_model(config, model.fused(w).backbone_state())
         mat = _reference(hf_mat, seqs)
         impl = _max_diff(served, mat)
-        if impl > tol:
-            where = first_differing_layer(model, hf_mat, seqs[0], w, tol)
+        if impl > tol * scale:
+            where = first_differing_layer(model, hf_mat, seqs[0], w, tol * scale)
             raise ParityError(f"parity gate: expert {name!r} served by twinserve differs from transformers with "
-                              f"the same weights (θ* + δ̂_t) by {impl:.3g} > {tol:g} (max |Δlogit|); first "
-                              f"difference at {where}")
+                              f"the same weights (θ* + δ̂_t) by {impl:.3g} > {tol * scale:.3g} (max |Δlogit|; "
+                              f"{tol:g} × logit scale {scale:.3g}); first difference at {where}")
         del hf_mat
         ref = _reference(reference_model(config, expert_reader(manifest, t)), seqs)
         agree = torch.cat([(s.argmax(-1) == r.argmax(-1)).float() for s, r in zip(served, ref)]).mean()
@@ -149,13 +154,16 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
         results.append(ExpertParity(name, _max_diff(served, ref), float(agree), impl, _max_diff(mat, ref),
                                     max(ranks, default=0)))
     if console is not None:
-        print_parity(results, bb_err, tol, console)
-    return {"tolerance": tol, "prompts": len(seqs), "backbone_max_abs_logit_diff": round(bb_err, 8),
+        print_parity(results, bb_err, tol, scale, console)
+    return {"tolerance": tol, "logit_scale": round(scale, 4), "prompts": len(seqs),
+            "backbone_max_abs_logit_diff": round(bb_err, 8),
             "experts": {r.expert: r.to_json() for r in results}}
 
 
-def print_parity(results: list[ExpertParity], backbone_err: float, tol: float, console: Console) -> None:
-    table = Table(title=f"parity vs transformers (fp32; implementation error gate ≤ {tol:g}; backbone "
+def print_parity(results: list[ExpertParity], backbone_err: float, tol: float, scale: float,
+                 console: Console) -> None:
+    table = Table(title=f"parity vs transformers (fp32; implementation error gate ≤ {tol:g} × logit scale "
+                        f"{scale:.3g}; backbone "
                         f"{backbone_err:.1e})")
     for col in ("expert", "rank", "max |Δlogit| vs θ_t", "argmax agree", "implementation", "compression"):
         table.add_column(col, justify="left" if col == "expert" else "right")
