@@ -126,11 +126,15 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
     ref_bb = _reference(hf_bb, seqs)
     scale = max(1.0, max(float(r.abs().max()) for r in ref_bb))   # logit scale: the gate is relative to it
     bb_err = _max_diff(_served(model, seqs, None), ref_bb)
-    if bb_err > tol * scale:
-        where = first_differing_layer(model, hf_bb, seqs[0], None, tol * scale)
-        raise ParityError(f"parity gate: the backbone θ* served by twinserve differs from transformers by "
-                          f"{bb_err:.3g} > {tol * scale:.3g} (max |Δlogit|; {tol:g} × logit scale {scale:.3g}); "
-                          f"first difference at {where}")
+
+    def gate(err: float, what: str, hf, w: torch.Tensor | None) -> None:
+        if err > tol * scale:
+            where = first_differing_layer(model, hf, seqs[0], w, tol * scale)
+            raise ParityError(f"parity gate: {what} served by twinserve differs from transformers with the same "
+                              f"weights by {err:.3g} > {tol * scale:.3g} (max |Δlogit|; {tol:g} × logit scale "
+                              f"{scale:.3g}); first difference at {where}")
+
+    gate(bb_err, "the backbone θ*", hf_bb, None)
     del hf_bb
     manifest = art.manifest
     names = art.expert_names
@@ -142,11 +146,7 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
         hf_mat = reference_model(config, model.fused(w).backbone_state())
         mat = _reference(hf_mat, seqs)
         impl = _max_diff(served, mat)
-        if impl > tol * scale:
-            where = first_differing_layer(model, hf_mat, seqs[0], w, tol * scale)
-            raise ParityError(f"parity gate: expert {name!r} served by twinserve differs from transformers with "
-                              f"the same weights (θ* + δ̂_t) by {impl:.3g} > {tol * scale:.3g} (max |Δlogit|; "
-                              f"{tol:g} × logit scale {scale:.3g}); first difference at {where}")
+        gate(impl, f"expert {name!r} (θ* + δ̂_t)", hf_mat, w)
         del hf_mat
         ref = _reference(reference_model(config, expert_reader(manifest, t)), seqs)
         agree = torch.cat([(s.argmax(-1) == r.argmax(-1)).float() for s, r in zip(served, ref)]).mean()
