@@ -75,7 +75,7 @@ async def soak(base: str, pid: int, model: str, minutes: float, concurrency: int
     client = make_client(concurrency * 2, 60.0)
 
     async def malformed() -> None:
-        name, make = MALFORMED[rng.randrange(len(MALFORMED))]
+        _name, make = MALFORMED[rng.randrange(len(MALFORMED))]
         body, ctype = make(model)
         r = await client.post(f"{base}/v1/completions", content=body, headers={"content-type": ctype})
         counts["malformed"] += 1

@@ -33,7 +33,7 @@ hf_logging.disable_progress_bar()
 class ZooSettings:
     seed: int = 0
     tasks: tuple[str, ...] = tuple(TASKS)
-    model: ZooModelConfig = ZooModelConfig()
+    model: ZooModelConfig = dataclasses.field(default_factory=ZooModelConfig)
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     finetune_steps: int = 600

@@ -9,12 +9,9 @@ import shutil
 import pytest
 import torch
 
-from twin.artifact import ROUTER, ArtifactError, read_manifest, verify_artifact
 from router.features import pooled_features, prompt_features
 from router.model import Router, apply_top_k, load_router
 from router.train import MIN_PER_TASK, RouterDataError, read_labelled, train_router
-from twin.loading import load_artifact
-from twin.generate import encode_prompts
 from tests.conftest import (
     EXPERT_NAMES,
     ROUTER_TRAIN,
@@ -22,6 +19,9 @@ from tests.conftest import (
     router_rows,
     write_router_jsonl,
 )
+from twin.artifact import ROUTER, ArtifactError, read_manifest, verify_artifact
+from twin.generate import encode_prompts
+from twin.loading import load_artifact
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from tests.conftest import CHARS, SPECIALS, save_char_tokenizer
 
 VOCAB = len(SPECIALS) + len(CHARS)
 IDS = {t: i for i, t in enumerate(SPECIALS)}
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-              pad_token_id=IDS["<pad>"], bos_token_id=IDS["<bos>"], eos_token_id=IDS["<eos>"],
-              tie_word_embeddings=False)
+COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128,
+          "pad_token_id": IDS["<pad>"], "bos_token_id": IDS["<bos>"], "eos_token_id": IDS["<eos>"],
+          "tie_word_embeddings": False}
 WINDOW = 6  # shorter than every test prompt, so the sliding window really cuts
 
 
@@ -83,7 +83,7 @@ def save_family(family: str, root: Path, experts: int = 2) -> tuple[Path, dict[s
     return base_dir, dirs
 
 
-def load_hf(model_dir: Path, config_from: Path | None = None):
+def load_hf(model_dir: Path):
     """transformers' own model for a saved dir (fp32, eval)."""
     from transformers import AutoModelForCausalLM
 

@@ -56,7 +56,7 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pinned_expert_equals_transformers(family, family_artifacts):
-    art_dir, experts, art = family_artifacts(family)
+    _, experts, art = family_artifacts(family)
     tok = art.tokenizer
     ids = tok.encode(PROMPTS[0])
     assert len(ids) > 2 * 6, "the prompt must be longer than the sliding window"
@@ -79,7 +79,7 @@ def test_pinned_expert_equals_transformers(family, family_artifacts):
 def test_backbone_equals_transformers(family, family_artifacts, tmp_path):
     from safetensors.torch import save_file
 
-    art_dir, _, art = family_artifacts(family)
+    _, _, art = family_artifacts(family)
     ids = art.tokenizer.encode(PROMPTS[1])
     state = art.model.backbone_state()
     (tmp_path / "bb").mkdir()

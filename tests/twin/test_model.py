@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, LlamaForCausalLM, MistralConfig
 
+from tests.conftest import make_tiny_model
 from twin.artifact import BACKBONE, EXCLUSIVE, exclusive_key, read_manifest
 from twin.loading import config_from_manifest, load_artifact
 from twin.model import TwinModel, UnsupportedModelError, check_supported
-from tests.conftest import make_tiny_model
 
 TOL = 1e-4
 IDS = [2, 11, 7, 30, 4, 19, 25, 8, 36, 12, 5, 22, 17, 9, 33, 14, 20, 6]   # <bos> + 17 tokens (vocab 37)
