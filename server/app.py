@@ -117,6 +117,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":   # loc is ("body", character offset): not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+            return JSONResponse({"error": {"message": f"request body is not valid JSON ({reason} at character "
+                                                      f"{where})", "type": "invalid_request_error", "param": None,
+                                           "code": "invalid_json"}}, status_code=400)
         param = ".".join(_field_path(first.get("loc", ()))) or None
         msg = "; ".join(f"{'.'.join(_field_path(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errs[:5])
         return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param,

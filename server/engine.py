@@ -211,6 +211,9 @@ class Engine:
             if r.first_token_at is None:
                 r.first_token_at = now
                 self.metrics.ttft.observe(now - r.arrival)
+            if r.params.max_tokens == 0:   # echo scoring: the prompt's logprobs were the whole answer
+                self._finish(r, "length")
+                continue
             if tok in self.eos_ids and not r.params.ignore_eos:
                 self._detokenize(r, final=True)   # held-back bytes of a partial character are output too
                 r.ended_on_eos = True

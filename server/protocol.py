@@ -51,8 +51,9 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(..., min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000,
-                                   description="default: the server's default, shrunk to fit the context")
+    max_tokens: int | None = Field(None, ge=0, le=1_000_000,
+                                   description="default: the server's default, shrunk to fit the context; 0 only "
+                                               "with echo (score the prompt, generate nothing)")
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000, description="overrides max_tokens")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 1")
@@ -194,6 +195,9 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _combinations(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise BadRequest("max_tokens: 0 is allowed only with echo (to score the prompt); use >= 1",
+                             param="max_tokens")
         if self.suffix:
             raise BadRequest("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of < self.choices_per_prompt:
@@ -252,6 +256,8 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000,
+                                   description="default: the server's default, shrunk to fit the context")
     logprobs: bool | None = Field(None, description="log-probability of each output token")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="k most likely tokens per position")
     response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
@@ -298,11 +304,14 @@ class ErrorResponse(BaseModel):
 
 class Routing(BaseModel):
     weights: dict[str, float]
-    top_expert: str | None
+    top_expert: str | None = Field(..., description="the expert with the largest weight actually used (null when "
+                                                     "the fallback or the backbone served the request)")
     entropy: float
     fallback: bool
     router_ms: float
     source: Literal["router", "request", "backbone", "uniform"]
+    router_guess: str | None = Field(None, exclude_if=_drop_none,
+                                     description="the router's top expert when its fallback served the request")
 
 
 class TwinInfo(BaseModel):

@@ -126,8 +126,12 @@ class ModelRunner:
                 for j, i in enumerate(idx):
                     s = need[i]
                     weights[s.id] = out.weights[j].to(self.device)
-                    info[s.id] = {"top_expert": self.names[int(out.top[j])], "entropy": round(float(out.entropy[j]), 4),
-                                  "fallback": bool(out.fallback[j]), "source": "router"}
+                    guess, fallback = self.names[int(out.top[j])], bool(out.fallback[j])
+                    # a fallback row is served by the fallback weights, not by the router's best guess
+                    info[s.id] = {"top_expert": None if fallback else guess, "entropy": round(float(out.entropy[j]), 4),
+                                  "fallback": fallback, "source": "router"}
+                    if fallback:
+                        info[s.id]["router_guess"] = guess
             ms = round((time.perf_counter() - t0) * 1000 / len(need), 3)
             for s in need:
                 info[s.id]["router_ms"] = ms
