@@ -35,15 +35,19 @@ class EvalError(ValueError):
     pass
 
 
+SPLIT_FORMAT = ("DIR/TASK/{validation,test}.jsonl, one folder per expert, one JSON object per line: "
+                '{"prompt": str, "target": str}')
+
+
 def find_tasks_dir(manifest: Manifest, tasks: str | Path | None) -> Path:
     if tasks is not None:
         p = Path(tasks)
     elif manifest.base is not None:  # the demo zoo keeps tasks/ beside base/
         p = Path(manifest.base).parent / "tasks"
     else:
-        raise EvalError("the artifact records no base model dir; pass --tasks DIR (DIR/TASK/test.jsonl)")
+        raise EvalError(f"the artifact records no base model dir; pass --tasks DIR with {SPLIT_FORMAT}")
     if not p.is_dir():
-        raise EvalError(f"task splits not found at {p}; pass --tasks DIR (DIR/TASK/test.jsonl)")
+        raise EvalError(f"task splits not found at {p}; pass --tasks DIR with {SPLIT_FORMAT}")
     return p
 
 

@@ -147,6 +147,23 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line error (problem, context, source excerpt with a caret) as one line:
+    "line L, column C: problem (context at line L', column C')", 1-based like an editor."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None or mark is None:
+        return " ".join(str(err).split())
+    text = f"{at(mark)}: {problem}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context:
+        where = at(context_mark) if context_mark is not None else None
+        text += f" ({context} at {where})" if where and where != at(mark) else f" ({context})"
+    return text
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """A twinserve recipe or a mergekit config (detected by its ``merge_method`` key), YAML or JSON,
     with relative paths resolved against the file's folder. Raises RecipeError naming the field."""
@@ -156,8 +173,10 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        raise RecipeError(f"cannot parse recipe {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"cannot parse recipe {path}: {yaml_problem(e)}") from None
+    except (OSError, ValueError) as e:   # json.JSONDecodeError's message already names line and column
+        raise RecipeError(f"cannot parse recipe {path}: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: top level must be a mapping")
     if "merge_method" in data:

@@ -177,7 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--force", action="store_true", help="rebuild even if a valid cached zoo exists")
     z.set_defaults(fn=cmd_zoo)
 
-    b = sub.add_parser("build", help="recipe (YAML/JSON) -> artifact: merge, exclusive deltas, truncated SVD")
+    b = sub.add_parser(
+        "build", help="recipe (YAML/JSON) -> artifact: merge, exclusive deltas, truncated SVD",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build an artifact from a recipe: merge the experts into the shared backbone θ*, take each "
+                    "expert's exclusive\ndelta δ_t = θ_t − θ* and store it as truncated-SVD factors B_t A_t.\n\n"
+                    "Recipe keys (YAML or JSON; relative paths resolve against the recipe's folder):\n"
+                    "  base        base model dir (HF format)\n"
+                    "  experts     list of {name, path, description, weight, density}; path is an HF model dir\n"
+                    "              (full fine-tune) or a PEFT LoRA adapter dir\n"
+                    "  merge       {method, lambda, density, normalize, rescale, consensus, gamma, base_weight, "
+                    "seed}\n"
+                    "              method: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,\n"
+                    "              breadcrumbs_ties, average (mergekit's semantics; default ties)\n"
+                    "  rank        {rank: 16} or {energy: 0.95, max_rank: 64}; include / exclude tensor globs\n"
+                    "  compress    {budget: exclusive bytes as a fraction of the dense experts' bytes,\n"
+                    "              factor_dtype: float32 | bfloat16 | float16 | int8 (default: dtype)}\n"
+                    "  dtype       float32 | bfloat16 | float16;  tokenizer: dir (default: base)\n"
+                    "A mergekit YAML (merge_method: ..., base_model, models, parameters) is accepted as is.\n\n"
+                    "Parity gate: after the build every expert (and θ*) is served from the artifact and compared "
+                    "with\ntransformers' own forward of θ* + δ̂_t; an implementation error above 1e-4 (fp32, "
+                    "relative logits)\nremoves the artifact and exits 2. --skip-parity skips it (recorded in the "
+                    "manifest).",
+        epilog="example:\n"
+               "  twinserve build deploy/recipes/llama-3-8b-example.yaml -o artifacts/llama3 --rank 32\n"
+               "  twinserve build mergekit-ties.yaml -o artifacts/merged --skip-parity\n"
+               "where deploy/recipes/llama-3-8b-example.yaml is:\n"
+               "  base: /models/Meta-Llama-3-8B\n"
+               "  experts:\n"
+               "    - {name: sql, path: /adapters/llama3-8b-sql-lora}\n"
+               "    - {name: summarize, path: /adapters/llama3-8b-summarize-lora}\n"
+               "  merge: {method: dare_ties, density: 0.1, lambda: 1.0}\n"
+               "  rank: {energy: 0.95, max_rank: 64}\n"
+               "  dtype: bfloat16")
     b.add_argument("recipe", help="recipe file (see deploy/recipes/) or a mergekit config (merge_method: ...)")
     b.add_argument("-o", "--output", required=True, help="artifact directory (written atomically)")
     b.add_argument("--rank", type=positive_int, default=None, help="override the recipe's fixed rank")
@@ -187,12 +219,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "manifest")
     b.set_defaults(fn=cmd_build)
 
-    e = sub.add_parser("eval", help="quality table: experts, base, TA, TIES, DARE, Twin (oracle and router)")
+    e = sub.add_parser(
+        "eval", help="quality table: experts, base, TA, TIES, DARE, Twin (oracle and router)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score an artifact per task by exact match of greedy generations on the test split, for each "
+                    "method:\n"
+                    "  expert            each dense fine-tuned expert on its own task (upper bound)\n"
+                    "  base              the base model\n"
+                    "  task_arithmetic   static merges, hyper-parameters chosen on the validation split\n"
+                    "  ties, dare_ties\n"
+                    "  twin_oracle       the artifact with w = one-hot on the true task\n"
+                    "  twin_router       the artifact with the router's w (needs a trained router)\n"
+                    "The table (rows: tasks, columns: methods; a normalised row = mean of score / expert score) "
+                    "and the\nstorage bytes are printed and written into the artifact's report.json.\n\n"
+                    "Task splits: DIR/TASK/validation.jsonl and DIR/TASK/test.jsonl, one folder per expert, named "
+                    "like the\nexpert; one JSON object per line, {\"prompt\": str, \"target\": str} (other "
+                    "keys are ignored). A\nprediction counts when the greedy text, cut at <eos> or a newline and stripped, "
+                    "equals target.\n"
+                    "Errors (a missing split, an unknown method) exit 2 with a one-line message.",
+        epilog="example:\n"
+               "  twinserve eval artifacts/demo --tasks artifacts/zoo/tasks --limit 50 "
+               "--methods expert,ties,twin_oracle,twin_router\n"
+               "where artifacts/zoo/tasks/reverse/test.jsonl holds lines such as\n"
+               "  {\"prompt\": \"reverse gwni=\", \"target\": \"inwg\"}")
     e.add_argument("artifact", help="artifact directory")
     e.add_argument("--tasks", default=None, help="task splits DIR/TASK/{validation,test}.jsonl "
                    "(default: tasks/ beside the artifact's base model)")
     e.add_argument("--limit", type=positive_int, default=None, help="at most this many prompts per task and split")
-    e.add_argument("--methods", default=None, help="comma-separated subset of methods")
+    e.add_argument("--methods", default=None, help="comma-separated subset of: expert, base, task_arithmetic, ties, "
+                   "dare_ties, twin_oracle, twin_router (default: all)")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="serving dtype to score (bfloat16: what bf16 serving costs in quality)")
     e.add_argument("--no-write", action="store_true", help="do not write the results into report.json")

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
-from .settings import Settings
+from .settings import Mode, Settings
 
 
 def cmd_serve(args) -> int:
@@ -27,23 +28,34 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def setting_help(name: str) -> str:
+    """A setting's description with its default, stated once: a description that already explains its
+    default (e.g. "(default: artifact dir name)") keeps that wording instead of the raw value."""
+    f = Settings.model_fields[name]
+    text = f.description or ""
+    if "default" not in text:
+        default = "unset" if f.default is None else f.default
+        text = f"{text} (default: {default})" if text else f"default: {default}"
+    return text.replace("%", "%%")   # argparse %-formats help strings
+
+
 def register(sub) -> None:
-    lines = [f"  TWINSERVE_{name.upper():<22} {f.description or ''} (default: {f.default})"
-             for name, f in Settings.model_fields.items()]
+    lines = [f"  TWINSERVE_{name.upper():<22} {setting_help(name).replace('%%', '%')}"
+             for name in Settings.model_fields]
     p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve an artifact: /v1/completions, /v1/chat/completions, /v1/models, "
-                                   "/health, /ready, /metrics, /v1/stats, playground at /.",
+                                   "/tokenize, /detokenize, /health, /ready, /metrics, /v1/stats, playground at /.",
                        epilog="Settings (flags override environment variables):\n" + "\n".join(lines))
     p.add_argument("artifact", help="artifact directory (TWINSERVE_ARTIFACT)")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="bind port (default 8000)")
-    p.add_argument("--mode", choices=["lowrank", "materialize", "backbone", "expert"], default=None,
-                   help="fusion mode (default lowrank)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--max-batch-size", type=int, default=None)
-    p.add_argument("--max-queue", type=int, default=None)
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
-    p.add_argument("--model-name", default=None, help="model id in the API (default: artifact dir name)")
+    p.add_argument("--host", default=None, help=setting_help("host"))
+    p.add_argument("--port", type=int, default=None, help=setting_help("port"))
+    p.add_argument("--mode", choices=get_args(Mode), default=None, help=setting_help("mode"))
+    p.add_argument("--device", default=None, help=setting_help("device"))
+    p.add_argument("--dtype", choices=get_args(Settings.model_fields["dtype"].annotation), default=None,
+                   help=setting_help("dtype"))
+    p.add_argument("--max-batch-size", type=int, default=None, help=setting_help("max_batch_size"))
+    p.add_argument("--max-queue", type=int, default=None, help=setting_help("max_queue"))
+    p.add_argument("--api-key", default=None, help=setting_help("api_key"))
+    p.add_argument("--model-name", default=None, help=setting_help("model_name"))
     p.set_defaults(fn=cmd_serve)

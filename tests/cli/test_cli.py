@@ -86,3 +86,80 @@ def test_serve_rejects_bad_settings(capsys, tiny_artifact, monkeypatch):
     monkeypatch.delenv("TWINSERVE_MAX_BATCH_SIZE")
     code, text = run(capsys, "serve", str(tiny_artifact), "--port", "99999")
     assert code == 2 and "--port" in text
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_serve_help_states_each_default_once(capsys):
+    import re
+
+    from server.settings import Settings
+    text = _help(capsys, "serve")
+    # argparse wraps the flag list: join each flag's help into one string before checking it
+    flags, current = {}, None
+    options = text[text.index("options:"):text.index("Settings (")]
+    for line in options.splitlines()[1:]:
+        m = re.match(r"\s{2}(--[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            flags[current] = line[m.end():]
+        elif current:
+            flags[current] += " " + line.strip()
+    flags = {k: " ".join(re.sub(r"^\s*[A-Z_]+|^\s*\{[^}]*\}", "", v).split()) for k, v in flags.items()}
+    for flag in ("--host", "--port", "--mode", "--device", "--dtype", "--max-batch-size", "--max-queue",
+                 "--api-key", "--model-name"):
+        field = flag[2:].replace("-", "_")
+        assert flags[flag].count("(default:") == 1, (flag, flags[flag])
+        assert Settings.model_fields[field].description.split()[0] in flags[flag], (flag, flags[flag])
+    assert "rows in the running decode batch (default: 16)" in flags["--max-batch-size"]
+    assert "waiting requests before 429 (default: 256)" in flags["--max-queue"]
+    assert flags["--dtype"].startswith("auto = bfloat16") and flags["--dtype"].endswith("(default: auto)")
+    for line in text.splitlines():
+        assert line.count("(default:") <= 1, line
+    assert "TWINSERVE_MODEL_NAME             model id in the API (default: artifact dir name)\n" in text
+
+
+def test_build_and_eval_help_describe_inputs(capsys):
+    from bench.quality import METHODS
+    from compression.recipe import MergeName
+    build = _help(capsys, "build")
+    assert "mergekit YAML" in build and "--skip-parity" in build and "Parity gate" in build and "example:" in build
+    for method in MergeName.__args__:
+        assert method in build, method
+    for key in ("base", "experts", "merge", "rank", "compress", "dtype", "tokenizer"):
+        assert f"\n  {key} " in build or f"  {key}:" in build, key
+    ev = " ".join(_help(capsys, "eval").split())
+    assert "DIR/TASK/validation.jsonl and DIR/TASK/test.jsonl" in ev
+    assert 'one JSON object per line, {"prompt": str, "target": str}' in ev and "example:" in ev
+    for method in METHODS:
+        assert method in ev, method
+
+
+def test_eval_missing_tasks_states_line_format(capsys, tiny_artifact, tmp_path):
+    code, text = run(capsys, "eval", str(tiny_artifact), "--tasks", str(tmp_path / "none"))
+    assert code == 2 and '{"prompt": str, "target": str}' in text and "validation,test" in text
+
+
+@pytest.mark.parametrize("body,where", [("foo: [\n", "line 2, column 1"),
+                                        ("a: 1\n  b: 2\n", "line 2, column 4"),
+                                        ('a: "x\n', "line 2, column 1")])
+def test_build_malformed_yaml_is_one_line(tmp_path, capsys, body, where):
+    f = tmp_path / "bad.yaml"
+    f.write_text(body)
+    code, text = run(capsys, "build", str(f), "-o", str(tmp_path / "out"))
+    assert code == 2
+    assert text.count("\n") == 1 and text.startswith("error: cannot parse recipe ")
+    assert str(f) in text and where in text and "Traceback" not in text and "^" not in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_malformed_json_is_one_line(tmp_path, capsys):
+    f = tmp_path / "bad.json"
+    f.write_text('{"base": ')
+    code, text = run(capsys, "build", str(f), "-o", str(tmp_path / "out"))
+    assert code == 2 and text.count("\n") == 1 and str(f) in text and "line 1 column 10" in text
