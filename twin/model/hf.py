@@ -18,7 +18,7 @@ causal (and, where the layer asks for it, sliding-window) mask.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,7 @@ class FlatBatch:
     segments: list[tuple[int, int, int, int]]
     decode_length: int = 0
     decode_range: tuple[int, int] | None = None
+    masks: dict = field(default_factory=dict)     # sliding window -> decode mask (K, 1, 1, L), per step
 
     @classmethod
     def build(cls, decode: list[tuple[int, int, int]], chunks: list[tuple[list[int], int, int]],
@@ -233,7 +234,8 @@ def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scalin
     """
     k_cache[flat.slots, :, flat.positions] = key[:, :, 0]          # (M, Hkv, D)
     v_cache[flat.slots, :, flat.positions] = value[:, :, 0]
-    out = torch.empty_like(query)                                   # (M, H, 1, D)
+    pure_decode = not flat.segments                                 # every token decodes: no scatter
+    out = None if pure_decode else torch.empty_like(query)          # (M, H, 1, D)
     if flat.decode is not None:
         d = flat.decode
         length = flat.decode_length
@@ -243,8 +245,13 @@ def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scalin
         else:
             slots = flat.slots[d]
             keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
-        mask = _window_mask(flat.positions[d][:, None], length, window)[:, None]     # (K, 1, 1, L)
-        out[d] = _attend(query[d], keys, values, mask, scaling, softcap)
+        mask = flat.masks.get(window)
+        if mask is None:   # the same for every layer with this window: built once per step
+            mask = flat.masks[window] = _window_mask(flat.positions[d][:, None], length, window)[:, None]
+        o = _attend(query if pure_decode else query[d], keys, values, mask, scaling, softcap)   # mask (K,1,1,L)
+        if pure_decode:
+            return o.transpose(1, 2), None
+        out[d] = o
     for start, n, slot, p0 in flat.segments:
         q = query[start:start + n].transpose(0, 2)                  # (1, H, n, D)
         length = p0 + n
