@@ -132,7 +132,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         syn = by_label[SYNTHETIC_LABEL].info
         report["ratios"] = compute_ratios(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("roofline"))
         report["identity"] = syn["identity"]
-        report["targets"] = check_targets(report["ratios"], report["identity"])
+        report["targets"] = check_targets(report["ratios"], report["identity"], dtype)
     if label is not None:
         report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
         report["demo_identity"] = by_label[label].info["identity"]

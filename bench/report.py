@@ -75,7 +75,10 @@ def _all_identical(entry: dict | None) -> tuple[str | None, bool | None]:
     return f"{same}/{n}", (same == n) if n else None
 
 
-def check_targets(ratios: dict, identity: dict | None = None) -> dict:
+def check_targets(ratios: dict, identity: dict | None = None, dtype: str = "float32") -> dict:
+    """Ratio targets, and greedy-identity targets. Identity is a target of the full-precision path only: in
+    bf16, fused weights (materialize) and activation-side deltas (lowrank) round differently, as do GEMMs
+    blocked for batch 1 and batch 16, so a near-tie argmax may flip. bf16 identity is reported, not judged."""
     out = {}
     for key, (op, bound) in TARGETS.items():
         v = ratios.get(key)
@@ -83,7 +86,10 @@ def check_targets(ratios: dict, identity: dict | None = None) -> dict:
         out[key] = {"target": f"{op} {bound}", "value": v, "pass": ok}
     for key in IDENTITY_TARGETS:
         v, ok = _all_identical((identity or {}).get(key))
-        out[key] = {"target": "all identical", "value": v, "pass": ok}
+        if dtype != "float32":
+            ok = None
+        out[key] = {"target": "all identical" + ("" if dtype == "float32" else " (fp32 only)"), "value": v,
+                    "pass": ok}
     return out
 
 
