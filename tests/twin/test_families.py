@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import app_client, build_tiny_artifact
+from tests.conftest import app_client, make_recipe
 from tests.twin.families import FAMILIES, load_hf, save_family
+from twin.artifact import read_report
 from twin.loading import load_artifact
 
 TOL = 1e-4
@@ -24,13 +25,16 @@ PROMPTS = ["add two and three, then five", "jim hikes", "purr ok"]   # 29, 10, 8
 
 @pytest.fixture(scope="module")
 def family_artifacts(tmp_path_factory):
+    from server.cli import build_with_parity
+
     cache: dict[str, tuple] = {}
 
     def get(family: str):
         if family not in cache:
             root = tmp_path_factory.mktemp(family)
             base, experts = save_family(family, root)
-            art_dir = build_tiny_artifact(base, experts, root / "tiny", **FULL_RANK)
+            art_dir = root / "tiny"
+            build_with_parity(make_recipe(base, experts, **FULL_RANK), art_dir, quiet=True)   # as `twinserve build`
             cache[family] = (art_dir, experts, load_artifact(art_dir, device="cpu", dtype="float32"))
         return cache[family]
     return get
@@ -73,6 +77,18 @@ def test_pinned_expert_equals_transformers(family, family_artifacts):
         # the materialised reference θ* + δ̂_t in transformers' own class, through the fused path
         fused = art.model.fused(w[0])
         assert float((run(fused, [ids], None)[0] - got).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_build_parity_gate_reports_exact_experts(family, family_artifacts):
+    """`twinserve build`'s gate on every family: at full rank with fp32 factors each expert is exact."""
+    art_dir, _, _ = family_artifacts(family)
+    parity = read_report(art_dir)["parity"]
+    assert parity["backbone_max_abs_logit_diff"] <= TOL
+    assert set(parity["experts"]) == {"e0", "e1"}
+    for entry in parity["experts"].values():
+        assert entry["implementation_error"] <= TOL and entry["max_abs_logit_diff"] <= TOL
+        assert entry["argmax_agreement"] == 1.0
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
