@@ -7,27 +7,29 @@ from __future__ import annotations
 
 import torch
 
-from twin.generate import encode_prompts, length_buckets, right_pad
-from twin.model import TwinModel
+from twin.generate import encode_prompts
+from twin.model import FlatBatch, TwinModel
 
 
 @torch.inference_mode()
 def pooled_features(model: TwinModel, token_ids: list[list[int]], layer: int, pad_id: int = 0,
                     batch_size: int = 256) -> torch.Tensor:
-    """token_ids: N prompts (with <bos>) -> (N, H) fp32 features; padding never enters the mean."""
+    """token_ids: N prompts (with <bos>) -> (N, H) fp32 features, the mean over each prompt's own tokens.
+
+    Prompts go through θ* as the prefill chunks of one flat batch (bucketed to a few token counts), so
+    no prompt is padded to the longest one. ``pad_id`` is unused (kept for callers).
+    """
     if not 1 <= layer <= model.args.num_layers:
         raise ValueError(f"feature layer must be in 1..{model.args.num_layers}, got {layer}")
     device = model.device
     out = torch.empty(len(token_ids), model.args.hidden_size)
-    groups = [g[i:i + batch_size] for g in length_buckets([len(t) for t in token_ids])
-              for i in range(0, len(g), batch_size)]
-    for idx in groups:
-        chunk = [token_ids[i] for i in idx]
-        ids, pos, lengths = right_pad(chunk, pad_id, device)
-        cache = model.new_cache(len(chunk), ids.shape[1], layers=layer)
-        h = model(ids, pos, cache, torch.arange(len(chunk), device=device), None, num_layers=layer)  # (n, S, H)
-        mask = (pos < lengths[:, None]).unsqueeze(-1).to(h.dtype)                                    # (n, S, 1)
-        out[idx] = ((h * mask).sum(1) / lengths[:, None].to(h.dtype)).float().cpu()
+    for lo in range(0, len(token_ids), batch_size):
+        chunk = token_ids[lo:lo + batch_size]
+        flat = FlatBatch.build([], [(ids, i, 0) for i, ids in enumerate(chunk)], device, bucket=True)
+        cache = model.new_cache(len(chunk), max(len(t) for t in chunk), layers=layer)
+        h = model.hidden_states_flat(flat, cache, layer)                                   # (M, H)
+        for i, (start, n, _, _) in enumerate(flat.segments):
+            out[lo + i] = h[start:start + n].float().mean(0).cpu()
     return out.to(device)
 
 

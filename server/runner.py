@@ -181,7 +181,7 @@ class ModelRunner:
         len(prompt) + len(generated) − 1."""
         decode = [(s.next_token, len(s.prompt_ids) + len(s.generated) - 1, s.slot) for s in plan.decode]
         chunks = [(c.seq.prompt_ids[c.start:c.end], c.seq.slot, c.start) for c in plan.chunks]
-        flat = FlatBatch.build(decode, chunks, self.device)
+        flat = FlatBatch.build(decode, chunks, self.device, bucket=True)
         at: list[int] = list(range(len(decode)))
         sample_seqs = list(plan.decode)
         echo: list[tuple] = []      # (chunk, first row in the logits, row count)
@@ -197,6 +197,8 @@ class ModelRunner:
         ws = [self.rows[s.id].w for s in plan.decode]
         for c in plan.chunks:
             ws.extend([self.rows[c.seq.id].w] * (c.end - c.start))
+        if self.mode.deltas and flat.num_tokens > len(ws):     # bucket padding rows carry w = 0
+            ws.extend([torch.zeros_like(ws[0])] * (flat.num_tokens - len(ws)))
         models = {id(self.rows[s.id].model): self.rows[s.id].model for s in plan.decode}
         models.update({id(self.rows[c.seq.id].model): self.rows[c.seq.id].model for c in plan.chunks})
         if len(models) != 1:

@@ -201,3 +201,27 @@ def test_unified_step_equals_separate_passes(family, family_artifacts):
     got_b = torch.stack([s1[0], s2[0], s3[1]])
     assert float((got_a - ref_a).abs().max()) <= TOL, family
     assert float((got_b - ref_b).abs().max()) <= TOL, family
+
+
+@pytest.mark.parametrize("family", ["llama-gqa-llama3rope", "gemma2", "gpt2"])
+def test_bucket_padding_changes_nothing(family, family_artifacts):
+    """Padding a step to its token bucket adds inert rows: same logits, no cache writes."""
+    from twin.model.hf import FlatBatch, token_bucket
+
+    _, _, art = family_artifacts(family)
+    m = art.model
+    ids = art.tokenizer.encode(PROMPTS[0])[:13]             # 13 -> bucket 16
+    w = torch.tensor([0.4, 0.6])
+    out = {}
+    for bucket in (False, True):
+        cache = m.new_cache(2, 40)
+        flat = FlatBatch.build([], [(ids, 1, 0)], bucket=bucket)
+        assert flat.num_tokens == (token_bucket(13) if bucket else 13) and flat.num_real == 13
+        with torch.inference_mode():
+            prefill = m.step(flat, cache, w.expand(flat.num_tokens, 2).contiguous(), torch.arange(13))
+            dec = FlatBatch.build([(5, 13, 1)], [], bucket=bucket)
+            step = m.step(dec, cache, w[None], torch.tensor([0]))
+        out[bucket] = (prefill, step, cache.k[0][0].clone())
+    assert float((out[True][0] - out[False][0]).abs().max()) <= TOL
+    assert float((out[True][1] - out[False][1]).abs().max()) <= TOL
+    assert torch.equal(out[True][2], out[False][2])          # slot 0 (where padding points) untouched
