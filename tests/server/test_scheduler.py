@@ -165,3 +165,30 @@ def test_engine_streams_tokens_from_the_runner_and_frees_slots(tmp_path):
     assert runner.plans[2] == ([long.id, short.id], [])
     assert all(d["completion_tokens"] == 3 and d["finish_reason"] == "length" for d in done.values())
     assert sorted(runner.released) == sorted(r.id for r in reqs) and engine.free_slots == [0, 1]
+
+
+def test_chunked_prefill_gives_the_same_text_and_echo_logprobs(routed_artifact):
+    """A 16-token step budget spreads every prompt over several steps: generated text and the echoed
+    prompt's logprobs equal the unchunked server's, and a direct forward pass."""
+    from tests.conftest import app_client
+    from tests.server.helpers import wrap_step
+
+    body = {"model": "tiny:math", "prompt": ["add abc def ghi jkl mno pqr", "purr op"], "echo": True,
+            "logprobs": 2, "max_tokens": 6, "temperature": 0}
+    outs = []
+    for budget in (512, 16):
+        with app_client(routed_artifact, max_tokens_per_step=budget) as c:
+            engine = c.app.state.engine
+            engine.eos_ids = set()
+            plans: list[int] = []
+            wrap_step(engine, lambda plan, plans=plans: plans.append(
+                max((ch.end - ch.start for ch in plan.chunks), default=0)))
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            outs.append(r.json()["choices"])
+            if budget == 16:
+                assert max(plans) <= 16 and len(plans) > 7       # the 28-token prompt took more than one step
+    for a, b in zip(*outs):
+        assert a["text"] == b["text"]
+        assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+        assert b["logprobs"]["token_logprobs"][1:] == pytest.approx(a["logprobs"]["token_logprobs"][1:], abs=1e-4)
