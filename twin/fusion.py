@@ -66,18 +66,26 @@ class ExpertWeights:
         nnz = int((w != 0).sum())
         # grouped path only when it skips at least half of the factor work
         self.sparse = nnz * 2 <= w.numel()
-        self.groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        if self.sparse:
-            for t in torch.nonzero((w != 0).any(0)).flatten().tolist():
-                rows = torch.nonzero(w[:, t]).flatten()
-                self.groups.append((t, rows, w[rows, t]))
+        self._groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(expert, rows routed to it, their weights) per active expert; built on first use (only the
+        grouped path needs it), then shared by every layer of the forward."""
+        if self._groups is None:
+            self._groups = []
+            if self.sparse:
+                for t in torch.nonzero((self.w != 0).any(0)).flatten().tolist():
+                    rows = torch.nonzero(self.w[:, t]).flatten()
+                    self._groups.append((t, rows, self.w[rows, t]))
+        return self._groups
 
     def to(self, dtype) -> ExpertWeights:
         if self.w.dtype == dtype:
             return self
         out = ExpertWeights.__new__(ExpertWeights)
         out.w, out.sparse = self.w.to(dtype), self.sparse
-        out.groups = [(t, rows, v.to(dtype)) for t, rows, v in self.groups]
+        out._groups = None if self._groups is None else [(t, rows, v.to(dtype)) for t, rows, v in self._groups]
         return out
 
 

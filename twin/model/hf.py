@@ -501,7 +501,7 @@ class HFTwinModel(nn.Module):
         with no_init_weights(), torch.device(any_t.device):
             hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=any_t.dtype)
         hf.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties the head
-        self.hf = hf.eval()
+        self.hf = hf.eval().requires_grad_(False)   # inference only: no autograd graph, even outside inference_mode
         self._load_state(state)
         self.ctx = StepContext()
         for m in hf.modules():
