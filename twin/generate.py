@@ -65,22 +65,3 @@ def greedy_generate(model: TwinModel, tokenizer, prompts: list[str], w: torch.Te
             cur = cur + 1
         outs.extend(tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated)
     return outs
-
-
-def length_buckets(lengths: list[int], max_waste: float = 0.2) -> list[list[int]]:
-    """Indices grouped so that right-padding each group wastes at most ``max_waste`` of its tokens.
-
-    Sorted by length; a group grows while padded size ≤ (1 + max_waste) × real tokens. Prefill cost
-    is proportional to padded tokens, so mixed-length admissions stop paying for the longest prompt.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            g = groups[-1]
-            real = sum(lengths[j] for j in g) + lengths[i]
-            if lengths[i] * (len(g) + 1) <= (1 + max_waste) * real:
-                g.append(i)
-                continue
-        groups.append([i])
-    return groups
