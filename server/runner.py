@@ -182,18 +182,18 @@ class ModelRunner:
         decode = [(s.next_token, len(s.prompt_ids) + len(s.generated) - 1, s.slot) for s in plan.decode]
         chunks = [(c.seq.prompt_ids[c.start:c.end], c.seq.slot, c.start) for c in plan.chunks]
         flat = FlatBatch.build(decode, chunks, self.device, bucket=True)
-        at: list[int] = list(range(len(decode)))
-        sample_seqs = list(plan.decode)
-        echo: list[tuple] = []      # (chunk, first row in the logits, row count)
+        at: list[int] = list(range(len(decode)))          # flat token indices whose logits are needed
+        sample_seqs, sample_at = list(plan.decode), list(range(len(decode)))   # ... and which row samples whom
+        echo: list[tuple] = []                              # (chunk, its first logits row, row count)
         for c, (start, n, _, _) in zip(plan.chunks, flat.segments):
-            if c.seq.params.prompt_logprobs is not None:
+            if c.seq.params.prompt_logprobs is not None:    # every prompt position of this chunk
                 echo.append((c, len(at), n))
                 at.extend(range(start, start + n))
-                if c.last:
-                    sample_seqs.append(c.seq)
             elif c.last:
                 at.append(start + n - 1)
+            if c.last:                                      # the prompt is complete: sample its first token
                 sample_seqs.append(c.seq)
+                sample_at.append(len(at) - 1)
         ws = [self.rows[s.id].w for s in plan.decode]
         for c in plan.chunks:
             ws.extend([self.rows[c.seq.id].w] * (c.end - c.start))
@@ -205,27 +205,17 @@ class ModelRunner:
             raise RuntimeError("one step must run one model (per-request modes schedule one sequence)")
         model = next(iter(models.values()))
         logits = model.step(flat, self.cache, self._token_weights(ws), torch.tensor(at, device=self.device))
-        # which logits row samples each sequence
-        sample_rows_idx = list(range(len(decode)))
         prompt_out = []
-        pos = len(decode)
-        for c in plan.chunks:
-            if c.seq.params.prompt_logprobs is not None:
-                n = c.end - c.start
-                row = self.rows[c.seq.id]
-                row.prompt_logits.append(logits[pos:pos + n])
-                if c.last:
-                    sample_rows_idx.append(pos + n - 1)
-                    full = torch.cat(row.prompt_logits)
-                    prompt_out.append((c.seq, prompt_logprobs(full, c.seq.prompt_ids, c.seq.params.prompt_logprobs)))
-                    row.prompt_logits = []
-                pos += n
-            elif c.last:
-                sample_rows_idx.append(pos)
-                pos += 1
+        for c, first, n in echo:
+            row = self.rows[c.seq.id]
+            row.prompt_logits.append(logits[first:first + n])
+            if c.last:
+                full = torch.cat(row.prompt_logits)
+                prompt_out.append((c.seq, prompt_logprobs(full, c.seq.prompt_ids, c.seq.params.prompt_logprobs)))
+                row.prompt_logits = []
         sampled = []
         if sample_seqs:
-            sel = logits[torch.tensor(sample_rows_idx, device=logits.device)]
+            sel = logits[torch.tensor(sample_at, device=logits.device)]
             tokens, records = sample_rows(sel, [s.params for s in sample_seqs],
                                           [self.rows[s.id].generator for s in sample_seqs],
                                           [s.generated for s in sample_seqs])
