@@ -190,12 +190,7 @@ class StepContext:
     def mask(self, window: int | None) -> torch.Tensor:
         m = self.masks.get(window)
         if m is None:
-            key_pos = torch.arange(self.length, device=self.positions.device)[None, None, :]
-            q = self.positions[:, :, None]
-            m = key_pos <= q
-            if window is not None:
-                m = m & (key_pos > q - window)     # transformers' sliding_window_overlay
-            m = self.masks[window] = m.unsqueeze(1)
+            m = self.masks[window] = _window_mask(self.positions, self.length, window).unsqueeze(1)
         return m
 
 
@@ -246,7 +241,8 @@ def _attend(query, keys, values, mask, scaling, softcap):
 
 
 def _window_mask(q_pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-    """(…, S) query positions -> (…, S, L) bool: key j visible when j <= q (and j > q − window)."""
+    """(…, S) query positions -> (…, S, L) bool: key j visible when j <= q (and j > q − window, transformers'
+    sliding_window_overlay)."""
     key_pos = torch.arange(length, device=q_pos.device)
     m = key_pos <= q_pos[..., None]
     return m & (key_pos > q_pos[..., None] - window) if window is not None else m
@@ -599,6 +595,12 @@ class HFTwinModel(nn.Module):
                 twin.deltas = d
 
     # ---- forward ------------------------------------------------------------------------------------
+    def _weights(self, w: torch.Tensor | ExpertWeights | None) -> ExpertWeights | None:
+        """Per-row (or per-token) w in the model's dtype, grouped once for every layer of the forward."""
+        if w is None:
+            return None
+        return (w if isinstance(w, ExpertWeights) else ExpertWeights(w)).to(self.dtype)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache, slots: torch.Tensor,
                 w: torch.Tensor | ExpertWeights | None = None, logits_at: torch.Tensor | None = None,
                 num_layers: int | None = None) -> torch.Tensor:
@@ -608,8 +610,7 @@ class HFTwinModel(nn.Module):
         With ``num_layers`` it stops after that many decoder blocks and returns their hidden states (N, S, H).
         """
         ctx = self.ctx
-        if w is not None:
-            w = (w if isinstance(w, ExpertWeights) else ExpertWeights(w)).to(self.dtype)
+        w = self._weights(w)
         ctx.w, ctx.cache, ctx.slots, ctx.positions = w, cache, slots, positions
         ctx.length, ctx.masks = int(positions.max()) + 1, {}
         ctx.slot_range = _as_range(slots)
@@ -637,8 +638,7 @@ class HFTwinModel(nn.Module):
         every decode token, and any prompt position whose logprobs were asked for).
         """
         ctx = self.ctx
-        if w is not None:
-            w = (w if isinstance(w, ExpertWeights) else ExpertWeights(w)).to(self.dtype)
+        w = self._weights(w)
         ctx.w, ctx.cache, ctx.flat = w, cache, flat
         try:
             h = self.base(input_ids=flat.tokens[:, None], position_ids=flat.positions[:, None],
