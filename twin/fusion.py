@@ -67,6 +67,17 @@ class ExpertWeights:
         # grouped path only when it skips at least half of the factor work
         self.sparse = nnz * 2 <= w.numel()
         self._groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+        self._columns: dict = {}
+
+    def columns(self, idx: torch.Tensor, offsets: tuple[int, ...] = ()) -> torch.Tensor:
+        """w[:, idx] (N, R): each factor column's expert weight in every row. Layers whose experts have the
+        same ranks (the same ``offsets``, which determine idx) share one gather per forward instead of one per
+        layer."""
+        key = offsets or id(idx)
+        hit = self._columns.get(key)
+        if hit is None or (not offsets and hit[0] is not idx):
+            hit = self._columns[key] = (idx, self.w[:, idx])   # holding idx keeps its id from being reused
+        return hit[1]
 
     @property
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -84,7 +95,7 @@ class ExpertWeights:
         if self.w.dtype == dtype:
             return self
         out = ExpertWeights.__new__(ExpertWeights)
-        out.w, out.sparse = self.w.to(dtype), self.sparse
+        out.w, out.sparse, out._columns = self.w.to(dtype), self.sparse, {}
         out._groups = None if self._groups is None else [(t, rows, v.to(dtype)) for t, rows, v in self._groups]
         return out
 
@@ -116,9 +127,10 @@ def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | Exper
     if isinstance(w, ExpertWeights):
         if use_grouped(x, d, w):
             return _grouped_delta(x, d, w)
-        w = w.w
+        scale = w.columns(d.idx, d.offsets)
+    else:
+        scale = w[:, d.idx]              # (N, R): each rank column gets its expert's weight in that row
     h = x @ d.A_cat.T                    # (N, S, R)
-    scale = w[:, d.idx]                  # (N, R): each rank column gets its expert's weight in that row
     h = h * (scale.unsqueeze(1) if x.ndim == 3 else scale)
     return h @ d.B_cat.T                 # (N, S, d_out)
 
