@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install demo run serve eval test test-all bench lint clean
+.PHONY: install demo run serve eval test test-all test-gpu bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ eval: demo
 
 test: install
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# CUDA checks (tests/gpu): skipped where torch sees no GPU; never part of `make test`
+test-gpu: install
+	$(BIN)/python -m pytest -m gpu tests/gpu -q $(PYTEST_ARGS)
 
 bench: demo
 	$(BIN)/twinserve bench $(ARTIFACTS)/demo --out $(ARTIFACTS)/bench.json

@@ -5,6 +5,7 @@ Registered into ``server.cli`` through ``register(sub)``. Examples:
   twinserve bench artifacts/demo --out bench.json                 # the demo artifact -> "demo_ratios"
   twinserve bench artifacts/demo --synthetic --out bench.json     # + a random 8-layer 1024-wide artifact
   twinserve bench --synthetic --quick --out /tmp/b.json           # seconds: tiny sizes, few requests
+  twinserve bench --synthetic --device cuda --dtype bfloat16 --out b.json   # engine, peers, roofline on the GPU
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ SYNTHETIC_LABEL = "synthetic"
 # One intra-op thread by default: on a shared 2-core box, OpenMP spin-waiting with 2 threads made the same
 # forward 4-7x slower and far noisier (measured: 8-layer synthetic decode at batch 16, 1.77 s vs 0.26 s).
 DEFAULT_THREADS = 1
+DEVICES = ("cpu", "cuda")
 
 
 class _Usage(ValueError):
@@ -70,8 +72,13 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
               modes: tuple[str, ...] = ALL_MODES, tasks: str | Path | None = None, quick: bool = False,
               threads: int | None = None, synthetic_dir: str | Path | None = None,
               serial_requests: int | None = None, min_seconds: float | None = None,
-              console: Console | None = None, dtype: str = "float32") -> dict:
-    """Run the benchmark and write the JSON report to ``out`` (atomically); return the report."""
+              console: Console | None = None, dtype: str = "float32", device: str = "cpu") -> dict:
+    """Run the benchmark and write the JSON report to ``out`` (atomically); return the report.
+
+    ``device``: ``cpu`` or ``cuda`` — the engine, the transformers/PEFT peers and the roofline all run there
+    (``threads`` sets torch's CPU intra-op threads either way). Raises the CLI's UsageError (exit 2) for a
+    bad argument, e.g. ``--device cuda`` where torch sees no GPU.
+    """
     if console is None:
         console = Console(stderr=True)
         if not console.is_terminal:     # logs and CI: do not squeeze the tables into 80 columns
@@ -86,6 +93,11 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         raise _usage_error("give an ARTIFACT, --synthetic, or both")
     if requests < 1 or max_tokens < 1:
         raise _usage_error("--requests and --max-tokens must be >= 1")
+    if device not in DEVICES:
+        raise _usage_error(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise _usage_error("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
+                           f"{torch.__version__})")
     if threads is None:
         threads = DEFAULT_THREADS
     if threads > 0:
@@ -107,7 +119,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         done = []
         kw = {"modes": modes, "batch_sizes": batch_sizes, "requests": requests, "max_tokens": max_tokens,
               "log": log, "equivalence_requests": min(16, requests), "serial_requests": serial_requests,
-              "min_seconds": min_seconds, "dtype": dtype}
+              "min_seconds": min_seconds, "dtype": dtype, "device": device}
         if artifact is not None:
             done.append(await bench_artifact(artifact, label, tasks=tasks, **kw))
         if synthetic:
@@ -126,7 +138,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
 
     results = asyncio.run(bench_all())
     runs = [r.to_json() for res in results for r in res.runs]
-    report: dict = {"runs": runs}
+    report: dict = {"runs": runs, "env": bench_env(device, dtype)}
     by_label = {res.label: res for res in results}
     if SYNTHETIC_LABEL in by_label:
         syn = by_label[SYNTHETIC_LABEL].info
@@ -156,7 +168,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         "memory_bytes": "distinct tensor storages held by the engine after the run: model weights, deltas, KV "
                         "cache, materialize/expert LRU models, router; rss_bytes = /proc/self/statm after the run "
                         "(whole process, includes every artifact loaded so far)",
-        "device": "cpu", "dtype": dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "python": platform.python_version(),
         "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 1),
@@ -164,8 +176,36 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     write_json_atomic(out, report)
     print_runs(report, console)
     print_ratios(report, console)
+    console.print(f"device {report['env']['device']} ({report['env']['device_name']}), dtype {dtype}")
     console.print(f"[green]report written[/] {out} ({report['config']['seconds']:.0f} s)")
     return report
+
+
+def bench_env(device: str, dtype: str) -> dict:
+    """Where the run ran: device (``cpu``/``cuda``), its name (torch.cuda.get_device_name; the CPU model from
+    /proc/cpuinfo), dtype, torch/CUDA/transformers versions and the CPU thread count."""
+    import transformers
+
+    env = {"device": device, "dtype": dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "cpu": _cpu_model()}
+    if device == "cuda":
+        env.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   device_capability=".".join(map(str, torch.cuda.get_device_capability())),
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        env["device_name"] = env["cpu"]
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _reusable(path: Path, spec: SyntheticSpec) -> bool:
@@ -182,7 +222,7 @@ def cmd_bench(args) -> int:
               batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
               max_tokens=args.max_tokens, modes=parse_modes(args.modes), tasks=args.tasks, quick=args.quick,
               threads=args.threads, synthetic_dir=args.synthetic_dir, serial_requests=args.serial_requests,
-              min_seconds=args.min_seconds, dtype=args.dtype)
+              min_seconds=args.min_seconds, dtype=args.dtype, device=args.device)
     return 0
 
 
@@ -209,7 +249,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, metavar="DIR", help="task splits DIR/TASK/test.jsonl (default: "
                    "tasks/ beside the artifact's base model; random-token prompts when there are none)")
     p.add_argument("--threads", type=int, default=None,
-                   help=f"torch CPU threads (default {DEFAULT_THREADS}; 0 = torch's choice)")
+                   help=f"torch CPU intra-op threads (default {DEFAULT_THREADS}; 0 = torch's choice)")
     p.add_argument("--synthetic-dir", default=None, metavar="DIR",
                    help="write the synthetic artifact here and keep it (default: a temp dir, removed)")
     p.add_argument("--serial-requests", type=int, default=None, metavar="N",
@@ -219,6 +259,8 @@ def register(sub) -> argparse.ArgumentParser:
                    help="repeat a timed loop shorter than S seconds (up to 5×) and report the median (default 3)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="model dtype for every system in the run (bfloat16 needs a CPU with native bf16 to be fast)")
+    p.add_argument("--device", choices=list(DEVICES), default="cpu",
+                   help="where the engine, the HF/PEFT peers and the matmul roofline run (default cpu)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for tests: 8 requests, batch 1,4, "
                    "4 tokens, a 2-layer synthetic artifact")
     p.set_defaults(fn=cmd_bench)

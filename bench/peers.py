@@ -1,6 +1,6 @@
 """In-process peers for ``twinserve bench``: HF transformers (+ PEFT mixed adapters) and a matmul roofline.
 
-On the same artifact, prompts, max_tokens, dtype and thread count as the engine runs:
+On the same artifact, prompts, max_tokens, device, dtype and thread count as the engine runs:
 
 - ``hf_generate``: transformers' own causal-LM class with θ* loaded, ``generate`` (greedy) on static
   batches of ``batch_size`` left-padded prompts — the backbone's reference speed.
@@ -9,9 +9,10 @@ On the same artifact, prompts, max_tokens, dtype and thread count as the engine 
   embedding's LoRA stores the same product transposed), generating the mix with PEFT's per-row
   ``adapter_names`` (each request uses its task's expert). This is how multi-LoRA batches are served
   with transformers + PEFT (peft/tuners/lora/layer.py ``_mixed_batch_forward``).
-- ``roofline``: ``torch.mm`` (and oneDNN's prepacked linear) over every nn.Linear weight of θ* in model
-  order at M = batch rows (the matmuls of one decode step and nothing else), and the backbone decode
-  step measured on the served model; the ratio is the step's fraction of the matmul roofline.
+- ``roofline``: ``torch.mm`` (and, on CPU, oneDNN's prepacked linear) over every nn.Linear weight of θ*
+  in model order at M = batch rows (the matmuls of one decode step and nothing else), and the backbone
+  decode step measured on the served model; the ratio is the step's fraction of the matmul roofline.
+  On CUDA every timed region ends with ``torch.cuda.synchronize`` (kernels launch asynchronously).
 
 Static batching is how ``generate`` serves a queue: the closed loop of ``batch_size`` clients becomes
 consecutive batches of ``batch_size`` requests, each request arriving when its batch starts.
@@ -37,8 +38,8 @@ class PeerError(ValueError):
 
 
 # ---- models -----------------------------------------------------------------------------------------
-def hf_backbone(path: str | Path, dtype: str = "float32") -> nn.Module:
-    """transformers' causal-LM class for the artifact's config with θ* loaded (CPU, ``dtype``, eval)."""
+def hf_backbone(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """transformers' causal-LM class for the artifact's config with θ* loaded (on ``device``, ``dtype``, eval)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -49,7 +50,7 @@ def hf_backbone(path: str | Path, dtype: str = "float32") -> nn.Module:
     if set(missing) - tied or unexpected:
         bad = sorted(set(missing) - tied) or sorted(unexpected)
         raise PeerError(f"{path / BACKBONE}: tensor {bad[0]} does not match {type(model).__name__}")
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _module_of(param: str) -> str:
@@ -140,8 +141,8 @@ def generate_batch(model, prompts: list[list[int]], max_tokens: int, pad_id: int
     from transformers import GenerationConfig, LogitsProcessorList
 
     n = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     first = _FirstToken()
     # no eos at all (not a suppressed one): every row runs to max_new_tokens, as ignore_eos does in the engine
     model.generation_config.eos_token_id = None
@@ -184,8 +185,14 @@ def timed_generate(model, prompts: list[list[int]], batch_size: int, max_tokens:
 
 
 # ---- roofline ---------------------------------------------------------------------------------------
-def _onednn_available(dtype: torch.dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued kernels (CUDA launches are asynchronous; a timer must not stop early)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _onednn_available(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -202,11 +209,15 @@ def matmul_peak(weights: list[torch.Tensor], m: int, passes: int = 5, min_second
     memory traffic (distinct weights, not one cached matrix). The fastest pass is the peak.
     FLOPs per pass = 2·M·Σ d_out·d_in. kernel ``torch_mm``: ``torch.mm(x, Wᵀ)`` (what nn.Linear calls);
     ``onednn_packed``: W reordered once into oneDNN's blocked layout for M rows, then
-    ``torch.ops.mkldnn._linear_pointwise`` (stock CPU torch; what a prepacked linear calls).
+    ``torch.ops.mkldnn._linear_pointwise`` (stock CPU torch; what a prepacked linear calls; CPU only).
+    The inputs live on the weights' device; on CUDA each pass is bracketed by ``torch.cuda.synchronize``.
     """
     if kernel not in MATMUL_KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(MATMUL_KERNELS)}, got {kernel!r}")
-    xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=w.dtype) for w in weights}
+    device = weights[0].device
+    if kernel == "onednn_packed" and device.type != "cpu":
+        raise ValueError(f"kernel onednn_packed runs on CPU only, the weights are on {device}")
+    xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=w.dtype, device=device) for w in weights}
     flops = 2 * m * sum(w.shape[0] * w.shape[1] for w in weights)
     if kernel == "torch_mm":
         ops = [(lambda x, w=w: torch.mm(x, w.t()), w.shape[1]) for w in weights]
@@ -218,9 +229,11 @@ def matmul_peak(weights: list[torch.Tensor], m: int, passes: int = 5, min_second
         op(xs[d_in])
     best, spent, n = float("inf"), 0.0, 0
     while n < passes or (spent < min_seconds and n < 10 * passes):
+        sync(device)
         t = time.perf_counter()
         for op, d_in in ops:
             op(xs[d_in])
+        sync(device)
         dt = time.perf_counter() - t
         best, spent, n = min(best, dt), spent + dt, n + 1
     return {"kernel": kernel, "rows": m, "flops_per_pass": flops, "pass_seconds_best": best, "passes": n,
@@ -246,9 +259,11 @@ def backbone_decode_step_seconds(model, prompts: list[list[int]], steps: int = 1
     times = []
     for _ in range(steps):
         tok = logits.argmax(-1)
+        sync(device)
         t = time.perf_counter()
         logits = model(tok[:, None], cur[:, None], cache, slots, None)[:, -1]
         logits.argmax(-1)
+        sync(device)
         times.append(time.perf_counter() - t)
         cur = cur + 1
     times.sort()
@@ -259,13 +274,14 @@ def roofline(hf_model: nn.Module, served_backbone, prompts: list[list[int]], bat
              log: Callable[[str], None] = lambda s: None) -> dict:
     """backbone_roofline_fraction = (2·M·Σ d_out·d_in / decode-step s) / peak matmul FLOP/s at the same shapes.
 
-    The peak is the faster of ``torch.mm`` and oneDNN's prepacked linear (where this torch has oneDNN for
-    the dtype): the served model may run either, and a ceiling that one of them beats is no ceiling
+    The peak is the faster of ``torch.mm`` and oneDNN's prepacked linear (on CPU, where this torch has oneDNN
+    for the dtype; on CUDA ``torch.mm`` alone, which is what nn.Linear/F.linear call there): the served model may run either, and a ceiling that one of them beats is no ceiling
     (measured: at batch 16 the prepacked backbone step ran at 1.7x the torch.mm figure).
     """
     weights = [m.weight.detach() for _, m in hf_model.named_modules() if type(m) is nn.Linear]
     rows = (prompts * (1 + batch_size // max(1, len(prompts))))[:batch_size]
-    kernels = [k for k in MATMUL_KERNELS if k == "torch_mm" or _onednn_available(weights[0].dtype)]
+    device = weights[0].device
+    kernels = [k for k in MATMUL_KERNELS if k == "torch_mm" or _onednn_available(weights[0].dtype, device)]
     peaks = {k: matmul_peak(weights, batch_size, kernel=k) for k in kernels}
     peak = max(peaks.values(), key=lambda p: p["peak_flops_per_s"])
     step = backbone_decode_step_seconds(served_backbone, rows)
@@ -284,7 +300,9 @@ def roofline(hf_model: nn.Module, served_backbone, prompts: list[list[int]], bat
            "backbone_decode_step_seconds": round(step, 9),
            "achieved_matmul_gflops_per_s": round(achieved / 1e9, 3),
            "backbone_roofline_fraction": round(achieved / peak["peak_flops_per_s"], 4),
-           "dtype": str(weights[0].dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+           "dtype": str(weights[0].dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+           "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     log(f"roofline at M={batch_size}: " + ", ".join(f"{k} {v['gflops_per_s']:.1f}" for k, v in out["kernels"].items())
         + f" GFLOP/s; backbone decode step {step * 1e3:.1f} ms = {out['achieved_matmul_gflops_per_s']:.1f} "
         f"GFLOP/s ({out['backbone_roofline_fraction']:.2f} of the peak)")

@@ -101,14 +101,16 @@ class RunResult:
 
 # ---- artifacts --------------------------------------------------------------------------------------
 def load_bench_artifact(path: str | Path, with_experts: bool, verify: bool = True,
-                        prepack_batch: int | None = None, dtype: str = "float32") -> LoadedArtifact:
-    """As ``server.app.load_state`` loads it on CPU/fp32 (backbone mode: ``with_experts=False``).
+                        prepack_batch: int | None = None, dtype: str = "float32",
+                        device: str = "cpu") -> LoadedArtifact:
+    """As ``server.app.load_state`` loads it on ``device`` in ``dtype`` (backbone mode: ``with_experts=False``).
 
-    ``prepack_batch``: what the server passes for its max_batch_size (oneDNN weight layout; None: dense).
+    ``prepack_batch``: what the server passes for its max_batch_size (oneDNN weight layout, CPU only: the
+    model ignores it on CUDA; None: dense).
     """
     from compression.experts import read_expert_state
 
-    return load_artifact(path, device="cpu", dtype=dtype, verify=verify, with_experts=with_experts,
+    return load_artifact(path, device=device, dtype=dtype, verify=verify, with_experts=with_experts,
                          expert_reader=read_expert_state, prepack_batch=prepack_batch)
 
 
@@ -265,9 +267,9 @@ def task_routing(names: list[str]) -> Callable[[Prompt], RoutingSpec]:
 
 # ---- one engine run ---------------------------------------------------------------------------------
 def make_settings(mode: str, batch_size: int, max_model_len: int, artifact: str | Path,
-                  dtype: str = "float32") -> Settings:
+                  dtype: str = "float32", device: str = "cpu") -> Settings:
     """Explicit values for everything that matters, so TWINSERVE_* variables cannot change a run."""
-    return Settings(artifact=str(artifact), mode=ENGINE_MODE[mode], device="cpu", dtype=dtype,
+    return Settings(artifact=str(artifact), mode=ENGINE_MODE[mode], device=device, dtype=dtype,
                     max_batch_size=batch_size, max_model_len=max_model_len, max_queue=1024,
                     max_tokens_per_step=512, request_timeout_s=3600.0, drain_timeout_s=5.0,
                     materialize_cache=4, router_top_k=None, router_temperature=None, verify_artifact=False)
@@ -335,7 +337,8 @@ async def run_engine(art: LoadedArtifact, router, mode: str, batch_size: int, wo
     prompts = workload.prompts if prompts is None else prompts
     names = art.expert_names
     routing = routing or routing_for(mode, names, router is not None)
-    settings = make_settings(mode, batch_size, max_model_len, art.path, str(art.model.dtype).removeprefix("torch."))
+    settings = make_settings(mode, batch_size, max_model_len, art.path, str(art.model.dtype).removeprefix("torch."),
+                             device=str(art.model.device))
     engine = Engine(art, router, settings, Metrics(names, settings.mode, label))
     concurrency = 1 if mode in PER_REQUEST else batch_size
     await engine.start()
@@ -494,7 +497,8 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                          requests: int, max_tokens: int, tasks: str | Path | None = None,
                          log: Callable[[str], None] = lambda s: None, equivalence_requests: int = 16,
                          serial_requests: int | None = 16, min_seconds: float = 0.0,
-                         peer_batch: int | None = None, dtype: str = "float32") -> ArtifactBench:
+                         peer_batch: int | None = None, dtype: str = "float32",
+                         device: str = "cpu") -> ArtifactBench:
     """Every mode at every batch size (materialize/expert once, at batch 1) on one artifact.
 
     Batched modes are interleaved per batch size (backbone, lowrank, lowrank_top2 back to back) so a
@@ -509,14 +513,18 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
     (the two fusion paths), batch 1 against the largest batch per batched mode (same prompts), and the
     peers against the engine (hf_generate vs backbone; peft_mixed vs lowrank with each request pinned to
     its task's expert).
+
+    ``device``/``dtype``: where and how the engine, the peers and the roofline run (the same for all).
     """
     from bench.quality import EvalError
     from router.model import load_router
 
     t0 = time.perf_counter()
     prepack = server_prepack_batch(batch_sizes)
-    full = load_bench_artifact(path, with_experts=True, verify=True, prepack_batch=prepack, dtype=dtype)
-    bb = (load_bench_artifact(path, with_experts=False, verify=False, prepack_batch=prepack, dtype=dtype)
+    full = load_bench_artifact(path, with_experts=True, verify=True, prepack_batch=prepack, dtype=dtype,
+                               device=device)
+    bb = (load_bench_artifact(path, with_experts=False, verify=False, prepack_batch=prepack, dtype=dtype,
+                              device=device)
           if "backbone" in modes else None)
     router = load_router(full.path, full.manifest)
     n_warm = max(batch_sizes + [2])
@@ -550,7 +558,7 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
 
         wanted = [m for m in PEER_MODES if m in modes]
         try:
-            hf = hf_backbone(path, dtype)
+            hf = hf_backbone(path, dtype, device)
             if "hf_generate" in wanted:
                 r = run_peer(hf, "hf_generate", b, workload, max_tokens, pad_id, full.expert_names, label,
                              min_seconds=min_seconds)
