@@ -79,7 +79,13 @@ def test_cuda_unified_step_equals_padded_forward(family, family_artifacts, no_tf
 
 def test_cuda_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact, no_tf32):
     """The batched activation-side path and the per-request fused weights give the same greedy tokens."""
-    from bench.runner import check_all_generated, load_bench_artifact, one_hot_routing, random_workload, run_engine
+    from bench.runner import (
+        check_all_generated,
+        load_bench_artifact,
+        one_hot_routing,
+        random_workload,
+        run_engine,
+    )
 
     async def go():
         art = load_bench_artifact(tiny_artifact, with_experts=True, device=DEVICE)
