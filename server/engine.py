@@ -180,7 +180,11 @@ class Engine:
             self._route(plan)
         if plan.empty:
             return
+        t0 = time.perf_counter()
         out = self.runner.step(plan)
+        phase = "mixed" if out.prefill_tokens and out.decode_tokens else "prefill" if out.prefill_tokens else "decode"
+        self.metrics.step_seconds.labels(phase).observe(time.perf_counter() - t0)
+        self.metrics.step_tokens.labels(phase).inc(out.prefill_tokens + out.decode_tokens)
         self.metrics.prompt_tokens.inc(out.prefill_tokens)
         for req, records in out.prompt_logprobs:
             req.emit("prompt_logprobs", records)

@@ -31,6 +31,12 @@ class Metrics:
         self.running = Gauge("twinserve_running_batch_size", "rows in the running decode batch", registry=r)
         self.router_latency = Histogram("twinserve_router_latency_seconds", "router features + MLP per admitted batch",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        # one engine step = one forward (vLLM's iteration): prefill chunks only, decode tokens only, or both
+        self.step_seconds = Histogram("twinserve_engine_step_seconds", "one engine step (one model forward + "
+                                      "sampling) by the kind of tokens it carried", ["phase"],
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.step_tokens = Counter("twinserve_engine_step_tokens", "tokens carried by engine steps", ["phase"],
+                                   registry=r)
         self.expert_mass = Counter("twinserve_expert_weight_mass", "sum of routing weight per expert", ["expert"],
                                    registry=r)
         self.expert_top1 = Counter("twinserve_expert_top1", "requests whose top expert is this one", ["expert"],
@@ -39,6 +45,9 @@ class Metrics:
         self.finished = Counter("twinserve_finished_requests", "finished requests by reason", ["reason"], registry=r)
         self.info = Info("twinserve_fusion", "fusion mode and model", registry=r)
         self.info.info({"mode": mode, "model": model, "experts": ",".join(experts)})
+        for phase in ("prefill", "decode", "mixed"):
+            self.step_seconds.labels(phase)
+            self.step_tokens.labels(phase)
         for e in experts:  # export zeros so dashboards see every expert from the start
             self.expert_mass.labels(e)
             self.expert_top1.labels(e)

@@ -304,6 +304,14 @@ def test_metrics_count_requests(client):
                                                                               UNKNOWN_PROMPT))
     gen = delta("twinserve_generation_tokens_total")
     assert 1 <= gen <= 17
+    # every prompt token went through a prefill (or mixed) step; each decode token precedes a generated one
+    phases = ("prefill", "decode", "mixed")
+    step_tokens = sum(delta("twinserve_engine_step_tokens_total", phase=ph) for ph in phases)
+    decode_tokens = step_tokens - delta("twinserve_prompt_tokens_total")
+    assert 0 <= decode_tokens <= gen
+    assert delta("twinserve_engine_step_seconds_count", phase="prefill") + \
+        delta("twinserve_engine_step_seconds_count", phase="mixed") >= 1
+    assert sum(delta("twinserve_engine_step_seconds_sum", phase=ph) for ph in phases) > 0
     assert delta("twinserve_finished_requests_total", reason="length") + \
         delta("twinserve_finished_requests_total", reason="stop") == 4
     info = [k for k in after if k[0] == "twinserve_fusion_info"]
