@@ -225,3 +225,37 @@ def test_bucket_padding_changes_nothing(family, family_artifacts):
     assert float((out[True][0] - out[False][0]).abs().max()) <= TOL
     assert float((out[True][1] - out[False][1]).abs().max()) <= TOL
     assert torch.equal(out[True][2], out[False][2])          # slot 0 (where padding points) untouched
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "gpt2", "phi3"])
+def test_linear_macs_count_every_matmul(family, family_artifacts):
+    """θ*'s MACs per token from transformers' own modules; the factors' from the stored A/B shapes."""
+    from safetensors import safe_open
+    from transformers.pytorch_utils import Conv1D
+
+    from twin.artifact import EXCLUSIVE
+
+    art_dir, _, _ = family_artifacts(family)
+    hf = load_hf(art_dir.parent / "base")
+    want_backbone = sum(m.in_features * m.out_features if isinstance(m, torch.nn.Linear) else m.weight.numel()
+                        for m in hf.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    emb = next(n for n, p in hf.named_parameters() if p is hf.get_input_embeddings().weight)
+    lookups = {f"{n}.weight" for n, m in hf.named_modules() if isinstance(m, torch.nn.Embedding)}  # GPT-2's wpe too
+    want_factors = 0
+    with safe_open(str(art_dir / EXCLUSIVE), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            param, _, part = key.split("::")
+            if part != "A":
+                continue
+            r, d_in = f.get_slice(key).get_shape()
+            d_out = f.get_slice(key[:-1] + "B").get_shape()[0]
+            if param in lookups:   # lookup of B's row, then · A; a tied head multiplies by both factors
+                tied_head = param == emb and hf.config.tie_word_embeddings
+                want_factors += r * d_in + (r * (d_in + d_out) if tied_head else 0)
+            else:
+                want_factors += r * (d_in + d_out)
+    plain = load_artifact(art_dir, device="cpu", dtype="float32")
+    assert plain.model.linear_macs() == {"backbone": want_backbone, "factors": want_factors}
+    assert want_factors > 0
+    plain.model.prepack(batch_hint=4)          # packed layers report the same shapes
+    assert plain.model.linear_macs() == {"backbone": want_backbone, "factors": want_factors}

@@ -749,6 +749,28 @@ class HFTwinModel(nn.Module):
             count += 1
         return count
 
+    def linear_macs(self) -> dict[str, int]:
+        """Multiply-accumulates per token: ``backbone`` = Σ d_out·d_in over θ*'s linear layers (lm_head
+        included), ``factors`` = Σ R·(d_in + d_out) over the exclusive factors of all T experts (an embedding's:
+        R·H). Soft routing over every expert adds ``factors`` to each token's work; the bench's cost bounds
+        use the ratio. From the shapes alone (nothing is unpacked)."""
+        backbone = factors = 0
+        for mod in self.hf.modules():
+            if isinstance(mod, (nn.Linear, PackedLinear, PackedTwinLinear)):
+                backbone += mod.in_features * mod.out_features
+            elif isinstance(mod, Conv1D):
+                backbone += mod.weight.shape[0] * mod.weight.shape[1]
+            elif isinstance(mod, TwinLinear):
+                base = mod.base_layer
+                rank = (base.idx.shape[0] if isinstance(base, PackedTwinLinear) else
+                        mod.deltas.rank if mod.deltas is not None else 0)
+                d_in, d_out = ((base.in_features, base.out_features) if not isinstance(base, Conv1D)
+                               else tuple(base.weight.shape))
+                factors += rank * (d_in + d_out)
+            elif isinstance(mod, TwinEmbedding) and mod.deltas is not None:
+                factors += mod.deltas.rank * mod.deltas.A_cat.shape[1]
+        return {"backbone": backbone, "factors": factors}
+
     def twin_layers(self) -> dict[str, nn.Module]:
         """HF parameter name of each wrapped tensor -> its Twin layer."""
         out = {}
