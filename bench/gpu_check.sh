@@ -7,7 +7,7 @@
 # 3. runs the CUDA tests (pytest -m gpu tests/gpu) -> $OUT/gpu_tests.log;
 # 4. runs `twinserve bench --synthetic --device cuda` in bf16, then fp32 -> $OUT/bench_cuda_{bf16,fp32}.{json,log}.
 # Every step runs even when an earlier one failed; the exit status is non-zero when any failed.
-# Dry run without a GPU: DEVICE=cpu QUICK=1 OUT=/tmp/gc bash bench/gpu_check.sh  (TESTS=0 skips step 3)
+# Dry run without a GPU: DEVICE=cpu QUICK=1 OUT=/tmp/gc bash bench/gpu_check.sh  (TESTS=0 skips step 3, BENCH=0 step 4)
 set +e
 set -o pipefail
 OUT=${OUT:?set OUT to the folder for logs and JSON}
@@ -68,7 +68,7 @@ fi
 [ "$DEVICE" = cuda ] && size+=(--threads 0)
 modes=backbone,lowrank,lowrank_top2,materialize,hf_generate,peft_mixed
 synth=/tmp/twinserve-gpu-check-synthetic    # built by the first bench, reused (checksums verified) by the second
-for dtype in bfloat16 float32; do
+for dtype in $([ "${BENCH:-1}" = 1 ] && echo bfloat16 float32); do   # BENCH=0: tests only
     tag=$([ $dtype = bfloat16 ] && echo bf16 || echo fp32)
     step "bench_$tag" 150 "$OUT/bench_${DEVICE}_$tag.log" $PY -m server.cli bench --synthetic --device "$DEVICE" \
         --dtype $dtype "${size[@]}" --modes $modes --synthetic-dir $synth --out "$OUT/bench_${DEVICE}_$tag.json"

@@ -59,9 +59,10 @@ def test_cuda_fp32_pinned_expert_equals_transformers(family, family_artifacts, n
     for t, name in enumerate(art.expert_names):
         w = torch.zeros(1, T, device=DEVICE)
         w[0, t] = 1.0
-        with torch.device(DEVICE):
+        hf = load_hf(experts[name]).to(DEVICE)
+        with torch.device(DEVICE):      # the helpers' token tensors are made on the GPU
             got = fam.run(art.model, [ids], w)[0]
-        ref = fam.hf_logits(load_hf(experts[name]).to(DEVICE), ids)
+            ref = fam.hf_logits(hf, ids)
         assert got.device.type == ref.device.type == DEVICE and got.shape == ref.shape
         assert float(ref.std()) > 1e-2
         tol = 1e-4 * max(1.0, float(ref.abs().max()))
