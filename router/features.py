@@ -28,8 +28,8 @@ def pooled_features(model: TwinModel, token_ids: list[list[int]], layer: int, pa
         flat = FlatBatch.build([], [(ids, i, 0) for i, ids in enumerate(chunk)], device, bucket=True)
         cache = model.new_cache(len(chunk), max(len(t) for t in chunk), layers=layer)
         h = model.hidden_states_flat(flat, cache, layer)                                   # (M, H)
-        for i, (start, n, _, _) in enumerate(flat.segments):
-            out[lo + i] = h[start:start + n].float().mean(0).cpu()
+        means = torch.stack([h[start:start + n].float().mean(0) for start, n, _, _ in flat.segments])
+        out[lo:lo + len(chunk)] = means.cpu()             # one device-to-host copy per batch, not per prompt
     return out.to(device)
 
 

@@ -63,11 +63,17 @@ class ExpertWeights:
 
     def __init__(self, w: torch.Tensor):
         self.w = w
-        nnz = int((w != 0).sum())
-        # grouped path only when it skips at least half of the factor work
-        self.sparse = nnz * 2 <= w.numel()
+        self._sparse: bool | None = None
         self._groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
         self._columns: dict = {}
+
+    @property
+    def sparse(self) -> bool:
+        """At most half of w is non-zero: the grouped path would skip at least half of the factor work.
+        Computed on first use (on a GPU reading it waits for the device, so only the CPU path asks)."""
+        if self._sparse is None:
+            self._sparse = int((self.w != 0).sum()) * 2 <= self.w.numel()
+        return self._sparse
 
     def columns(self, idx: torch.Tensor, offsets: tuple[int, ...] = ()) -> torch.Tensor:
         """w[:, idx] (N, R): each factor column's expert weight in every row. Layers whose experts have the
@@ -95,7 +101,7 @@ class ExpertWeights:
         if self.w.dtype == dtype:
             return self
         out = ExpertWeights.__new__(ExpertWeights)
-        out.w, out.sparse, out._columns = self.w.to(dtype), self.sparse, {}
+        out.w, out._sparse, out._columns = self.w.to(dtype), self._sparse, {}
         out._groups = None if self._groups is None else [(t, rows, v.to(dtype)) for t, rows, v in self._groups]
         return out
 
@@ -115,11 +121,13 @@ def _grouped_delta(x: torch.Tensor, d: LowRankDeltas, ew: ExpertWeights) -> torc
 
 
 def use_grouped(x: torch.Tensor, d: LowRankDeltas, w: ExpertWeights) -> bool:
-    """The grouped top-k path pays off only for sparse w, wide weights, and fp32: in bf16 on CPU the
+    """The grouped top-k path pays off only on CPU, for sparse w, wide weights, and fp32: in bf16 on CPU the
     per-expert small matmuls lose to one concatenated matmul (measured at hidden 1024, batch 16, top-2:
-    grouped 100 vs concatenated 152 tok/s in bf16; in fp32 grouped is faster)."""
-    return (w.sparse and bool(d.offsets) and x.dtype == torch.float32
-            and d.A_cat.shape[1] * d.B_cat.shape[0] >= GROUPED_MIN_ELEMENTS)
+    grouped 100 vs concatenated 152 tok/s in bf16; in fp32 grouped is faster). On CUDA the grouping's
+    host round trips and small kernels cost more than the factor work they skip (H200, fp32, batch 16:
+    a top-2 decode step took 117 ms grouped against 27 ms for the concatenated path)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and bool(d.offsets)
+            and d.A_cat.shape[1] * d.B_cat.shape[0] >= GROUPED_MIN_ELEMENTS and w.sparse)
 
 
 def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
@@ -135,13 +143,28 @@ def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | Exper
     return h @ d.B_cat.T                 # (N, S, d_out)
 
 
+def add_delta_(y: torch.Tensor, x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
+    """y += Σ_t w_t B_t A_t x in place (y: a fresh contiguous (…, d_out) layer output, as nn.Linear returns).
+
+    The expand B_cat (h ⊙ w[:, idx]) accumulates into y inside the GEMM (addmm_ with β = 1): one kernel
+    fewer per layer than a matmul and an add, which is what a launch-bound GPU step pays for.
+    """
+    if isinstance(w, ExpertWeights) and use_grouped(x, d, w):
+        return y.add_(_grouped_delta(x, d, w))
+    scale = w.columns(d.idx, d.offsets) if isinstance(w, ExpertWeights) else w[:, d.idx]    # (N, R)
+    h = x @ d.A_cat.T                                                                          # (N, [S,] R)
+    h = h * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), d.B_cat.T)
+    return y
+
+
 def twin_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 d: LowRankDeltas | None, w: torch.Tensor | None) -> torch.Tensor:
     """Activation-side batched path: W* x (+ b) + B_cat((A_cat x) ⊙ w[:, idx])."""
     y = torch.nn.functional.linear(x, weight, bias)
     if d is None or w is None or d.rank == 0:
         return y
-    return y + delta_activations(x, d, w)
+    return add_delta_(y, x, d, w)
 
 
 def materialize_weight(weight: torch.Tensor, d: LowRankDeltas, w: torch.Tensor) -> torch.Tensor:

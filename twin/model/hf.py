@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_utils import AttentionInterface
 from transformers.pytorch_utils import Conv1D
 
-from twin.fusion import ExpertWeights, LowRankDeltas, delta_activations, materialize_weight
+from twin.fusion import ExpertWeights, LowRankDeltas, add_delta_, materialize_weight
 
 ATTN_IMPLEMENTATION = "twinserve"
 # checkpoint tensors that are buffers, not parameters: never part of θ*, never compared
@@ -226,10 +227,20 @@ def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     return out.transpose(1, 2).contiguous(), None
 
 
+# SDPA backends for a masked block of queries on CUDA. cuDNN's attention builds an execution plan for every
+# new shape, and prefill chunks come in every length: on an H200 in bf16 it spent 14 ms per call (the
+# router pass and the prefill of the bench's mix took 9 of 12 s), against microseconds for the kernel.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _attend(query, keys, values, mask, scaling, softcap):
     """softmax(q kᵀ · scaling [soft-capped], masked) v.  q (N, H, S, D), k/v (N, Hkv, L, D), mask (N, 1, S, L)."""
     rep = query.shape[1] // keys.shape[1]
     if softcap is None:
+        if query.is_cuda:   # not cuDNN: see _CUDA_SDPA
+            with sdpa_kernel(_CUDA_SDPA):
+                return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                      enable_gqa=rep > 1)
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                               enable_gqa=rep > 1)
     # tanh soft-capping of the scores (Gemma 2): softmax in fp32 as transformers' eager kernel
@@ -247,8 +258,10 @@ def _decode_attend(query, keys, values, mask, scaling, softcap):
     Two batched matmuls with the query heads of a KV group as the rows of one product (GQA without
     repeating the keys) and an fp32 softmax, as transformers' eager kernel computes it. On CPU this is
     faster than SDPA's flash kernel for a single query (1.3x in fp32, 2.2x in bf16, at 16 rows x 16 heads
-    x 41 keys), whose blocking is built for many queries.
+    x 41 keys), whose blocking is built for many queries. On CUDA it is SDPA (`_attend`).
     """
+    if query.is_cuda:     # SDPA's fused kernels launch once where this takes six launches
+        return _attend(query, keys, values, mask, scaling, softcap)
     k, h, _, dim = query.shape
     hkv = keys.shape[1]
     q = query.reshape(k, hkv, h // hkv, dim)
@@ -339,7 +352,7 @@ class TwinLinear(nn.Module):
             if w is None:
                 return y
             if self.deltas is not None and self.deltas.rank:
-                y = y + delta_activations(x, self.deltas, w)
+                y = add_delta_(y, x, self.deltas, w)
         if w is None:
             return y
         if self.bias_deltas is not None:
