@@ -21,7 +21,15 @@ import torch
 from rich.console import Console
 
 from .peers import PEER_MODES
-from .report import check_targets, compute_ratios, print_ratios, print_runs, write_json_atomic
+from .report import (
+    check_targets,
+    compute_bounds,
+    compute_ratios,
+    print_phases,
+    print_ratios,
+    print_runs,
+    write_json_atomic,
+)
 from .runner import MODES, ArtifactBench, bench_artifact, peak_rss_bytes
 from .synthetic import SyntheticSpec, build_synthetic_artifact
 
@@ -143,11 +151,13 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     if SYNTHETIC_LABEL in by_label:
         syn = by_label[SYNTHETIC_LABEL].info
         report["ratios"] = compute_ratios(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("roofline"))
+        report["bounds"] = compute_bounds(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("linear_macs"))
         report["identity"] = syn["identity"]
         report["targets"] = check_targets(report["ratios"], report["identity"], dtype)
     if label is not None:
         report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
         report["demo_identity"] = by_label[label].info["identity"]
+        report["demo_bounds"] = compute_bounds(runs, label, ratio_batch, by_label[label].info.get("linear_macs"))
     report["config"] = {
         "requests": requests, "serial_requests": serial_requests, "batch_sizes": batch_sizes,
         "max_tokens": max_tokens, "modes": list(modes),
@@ -175,6 +185,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     }
     write_json_atomic(out, report)
     print_runs(report, console)
+    print_phases(report, console)
     print_ratios(report, console)
     console.print(f"device {report['env']['device']} ({report['env']['device_name']}), dtype {dtype}")
     console.print(f"[green]report written[/] {out} ({report['config']['seconds']:.0f} s)")

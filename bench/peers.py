@@ -242,30 +242,31 @@ def matmul_peak(weights: list[torch.Tensor], m: int, passes: int = 5, min_second
 
 @torch.inference_mode()
 def backbone_decode_step_seconds(model, prompts: list[list[int]], steps: int = 16, pad_id: int = 0) -> float:
-    """Median seconds of one decode step (forward of one new token per row + greedy argmax) of a served model.
+    """Median seconds of one decode step (one new token per row + greedy argmax) of a served model, through
+    the engine's own path: ``model.step`` on a flat batch of decode tokens (``twin.model.hf.FlatBatch``).
 
-    ``model`` is a twin.model backbone (no deltas) called as the engine calls it; the rows are
-    ``prompts`` prefilled together, then ``steps`` decode steps are timed one by one.
+    ``model`` is a twin.model backbone (no deltas); the rows are ``prompts`` prefilled together as the
+    chunks of one flat step, then ``steps`` decode steps are timed one by one. ``pad_id`` is unused.
     """
-    from twin.generate import right_pad
+    from twin.model.hf import FlatBatch
 
     device = model.device
     n = len(prompts)
     cache = model.new_cache(n, max(len(p) for p in prompts) + steps + 2)
-    slots = torch.arange(n, device=device)
-    ids, pos, lengths = right_pad(prompts, pad_id, device)
-    logits = model(ids, pos, cache, slots, None, logits_at=lengths - 1)
-    cur = lengths.clone()
+    flat = FlatBatch.build([], [(list(p), i, 0) for i, p in enumerate(prompts)], device, bucket=True)
+    ends = torch.tensor([start + length - 1 for start, length, _, _ in flat.segments], device=device)
+    tok = model.step(flat, cache, None, ends).argmax(-1).tolist()
+    pos = [len(p) for p in prompts]
+    at = torch.arange(n, device=device)
     times = []
     for _ in range(steps):
-        tok = logits.argmax(-1)
         sync(device)
         t = time.perf_counter()
-        logits = model(tok[:, None], cur[:, None], cache, slots, None)[:, -1]
-        logits.argmax(-1)
+        flat = FlatBatch.build([(tok[i], pos[i], i) for i in range(n)], [], device, bucket=True)
+        tok = model.step(flat, cache, None, at).argmax(-1).tolist()
         sync(device)
         times.append(time.perf_counter() - t)
-        cur = cur + 1
+        pos = [q + 1 for q in pos]
     times.sort()
     return times[len(times) // 2]
 

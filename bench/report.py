@@ -66,6 +66,41 @@ def compute_ratios(runs: list[dict], label: str, batch: int, roofline: dict | No
     }
 
 
+def compute_bounds(runs: list[dict], label: str, batch: int, macs: dict | None) -> dict:
+    """What the Twin-vs-backbone ratios can reach on this model and mix, from the run's own numbers.
+
+    - ``factor_macs_fraction`` δ = Σ R·(d_in + d_out) / Σ d_out·d_in per token (``HFTwinModel.linear_macs``,
+      all T experts). Soft routing over every expert multiplies each token's linear work by 1 + δ: FLOPs in
+      compute-bound prefill, and bytes in bandwidth-bound decode (each factor is read once per step, as W*
+      is). ``soft_linear_bound`` = 1 / (1 + δ): soft routing with a free router, free attention and the
+      factors at the backbone's own MAC rate.
+    - ``router_share``: seconds in the router pass (θ* blocks 0..L_r−1 over every prompt, then the MLP)
+      over the mode's wall time; ``<mode>_vs_backbone_without_router``: the throughput ratio with those
+      seconds taken out.
+    - ``top2_router_bound`` = T_backbone / (T_backbone + router seconds of the top-2 run): top-2 with
+      deltas that cost nothing still pays its router pass.
+    """
+    get = {m: _find(runs, label, m, batch) for m in ("backbone", "lowrank", "lowrank_top2")}
+    out: dict = {"batch_size": batch}
+    if macs and macs.get("backbone"):
+        delta = macs["factors"] / macs["backbone"]
+        out["factor_macs_fraction"] = round(delta, 4)
+        out["soft_linear_bound"] = round(1 / (1 + delta), 4)
+    b = get["backbone"]
+    for mode in ("lowrank", "lowrank_top2"):
+        r = get[mode]
+        router = (r or {}).get("phase_seconds", {}).get("router")
+        if r is None or router is None or not r["seconds"]:
+            continue
+        out[f"{mode}_router_share"] = round(router / r["seconds"], 4)
+        if b is not None:
+            without = r["tokens"] / max(r["seconds"] - router, 1e-9)
+            out[f"{mode}_vs_backbone_without_router"] = _div(without, b["tokens_per_s"])
+            if mode == "lowrank_top2":
+                out["top2_router_bound"] = round(b["seconds"] / (b["seconds"] + router), 4)
+    return out
+
+
 def _all_identical(entry: dict | None) -> tuple[str | None, bool | None]:
     """'k/n' over an identity entry (one check, or one per mode) and whether every output matched."""
     if not entry:
@@ -125,6 +160,37 @@ def print_runs(report: dict, console: Console) -> None:
     console.print(table)
     for s in report["config"].get("skipped", []):
         console.print(f"[yellow]skipped[/] {s['artifact']} {s['mode']}: {s['reason']}")
+
+
+def print_phases(report: dict, console: Console) -> None:
+    """Where each engine run's wall time went: router pass, prefill/decode/mixed steps, the rest (scheduling,
+    detokenising, the event loop, idle)."""
+    rows = [r for r in report["runs"] if r.get("phase_seconds")]
+    if not rows:
+        return
+    table = Table(title="where the time goes (seconds of the reported repeat)")
+    for col in ("artifact", "mode", "batch", "wall", "router", "prefill", "decode", "mixed", "rest"):
+        table.add_column(col, justify="left" if col in ("artifact", "mode") else "right")
+    for r in rows:
+        ph = r["phase_seconds"]
+        rest = r["seconds"] - sum(ph.values())
+        table.add_row(r["artifact"], r["mode"], str(r["batch_size"]), f"{r['seconds']:.3f}",
+                      *(f"{ph.get(k, 0.0):.3f}" for k in ("router", "prefill", "decode", "mixed")), f"{rest:.3f}")
+    console.print(table)
+    for label, key in (("synthetic", "bounds"), ("demo", "demo_bounds")):
+        b = report.get(key) or {}
+        if "soft_linear_bound" not in b:
+            continue
+        head = (f"factor MACs = {b['factor_macs_fraction']:.1%} of θ*'s → soft routing ≤ "
+                f"{b['soft_linear_bound']:.3f} of the backbone even with a free router")
+        parts = [head]
+        for mode in ("lowrank", "lowrank_top2"):
+            if f"{mode}_router_share" in b:
+                parts.append(f"{mode}: router pass {b[f'{mode}_router_share']:.1%} of its time, "
+                             f"{b[f'{mode}_vs_backbone_without_router']:.3f} of the backbone without it")
+        if "top2_router_bound" in b:
+            parts.append(f"top-2 ≤ {b['top2_router_bound']:.3f} even with free deltas")
+        console.print(f"{label} bounds (batch {b['batch_size']}): " + "; ".join(parts))
 
 
 def print_ratios(report: dict, console: Console) -> None:

@@ -87,6 +87,7 @@ class RunResult:
     rss_bytes: int
     repeats: int = 1
     memory_breakdown: dict = field(default_factory=dict)
+    phase_seconds: dict = field(default_factory=dict)   # router pass and engine steps by phase (reported repeat)
     outputs: list[list[int]] = field(default_factory=list, repr=False)   # generated ids, in workload order
 
     def to_json(self) -> dict:
@@ -342,18 +343,21 @@ async def run_engine(art: LoadedArtifact, router, mode: str, batch_size: int, wo
     engine = Engine(art, router, settings, Metrics(names, settings.mode, label))
     concurrency = 1 if mode in PER_REQUEST else batch_size
     await engine.start()
-    reps: list[tuple[float, list[Finished]]] = []
+    reps: list[tuple[float, list[Finished], dict]] = []
     try:
         # warm-up: a full batch of the same shape (prefill + decode), distinct prompts
         warm = (workload.warmup * (1 + concurrency // max(1, len(workload.warmup))))[:max(2, concurrency)]
         await _closed_loop(engine, warm, concurrency, min(max_tokens, 4), routing)
-        while not reps or (sum(w for w, _ in reps) < min_seconds and len(reps) < max_repeats):
-            reps.append(await _closed_loop(engine, prompts, concurrency, max_tokens, routing))
+        while not reps or (sum(w for w, _, _ in reps) < min_seconds and len(reps) < max_repeats):
+            before = engine.metrics.engine_seconds()
+            wall, done = await _closed_loop(engine, prompts, concurrency, max_tokens, routing)
+            after = engine.metrics.engine_seconds()
+            reps.append((wall, done, {k: round(after[k] - before[k], 6) for k in after}))
         memory, breakdown = engine_memory(engine)
     finally:
         await engine.stop(drain_s=0.0)
     by_speed = sorted(reps, key=lambda rep: rep[0])
-    wall, done = by_speed[len(by_speed) // 2]
+    wall, done, phases = by_speed[len(by_speed) // 2]
     tokens = sum(len(f.generated) for f in done)
     e2e = [f.done_at - f.arrival for f in done]
     ttft = [f.first_token_at - f.arrival for f in done if f.first_token_at is not None]
@@ -361,7 +365,7 @@ async def run_engine(art: LoadedArtifact, router, mode: str, batch_size: int, wo
                        requests=len(done), tokens=tokens, seconds=wall, tokens_per_s=tokens / wall,
                        requests_per_s=len(done) / wall, p50_s=_pct(e2e, 50), p99_s=_pct(e2e, 99),
                        ttft_p50_s=_pct(ttft, 50), memory_bytes=memory, rss_bytes=rss_bytes(),
-                       repeats=len(reps), memory_breakdown=breakdown,
+                       repeats=len(reps), memory_breakdown=breakdown, phase_seconds=phases,
                        outputs=[f.generated for f in done])
     del engine
     gc.collect()
@@ -606,7 +610,7 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                                                    "fallback": router.config.fallback},
             "experts": full.expert_names, "num_layers": full.model.args.num_layers,
             "hidden_size": full.model.args.hidden_size, "vocab_size": full.model.args.vocab_size,
-            "prepack_batch": prepack, **info_extra}
+            "prepack_batch": prepack, "linear_macs": full.model.linear_macs(), **info_extra}
     if "lowrank" in modes and "materialize" in modes and equivalence_requests > 0:
         info["equivalence"] = await pinned_equivalence(full, router, workload, max_tokens, max_len,
                                                        max(batch_sizes), equivalence_requests, label)

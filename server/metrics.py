@@ -57,6 +57,14 @@ class Metrics:
         self._batch = 0
 
     # rolling window for /v1/stats
+    def engine_seconds(self) -> dict[str, float]:
+        """Seconds spent so far in the router pass and in engine steps by phase (prefill, decode, mixed)."""
+        get = self.registry.get_sample_value
+        out = {"router": get("twinserve_router_latency_seconds_sum") or 0.0}
+        for phase in ("prefill", "decode", "mixed"):
+            out[phase] = get("twinserve_engine_step_seconds_sum", {"phase": phase}) or 0.0
+        return out
+
     def record_done(self, ttft: float | None, e2e: float) -> None:
         with self._lock:
             self._done.append((time.time(), ttft, e2e))

@@ -63,6 +63,34 @@ def test_report_keys_and_written_json(quick_report):
         assert run["p99_s"] >= run["p50_s"] > 0
 
 
+def test_phase_seconds_and_bounds(quick_report):
+    """Each engine run splits its wall time into router pass and step phases; the bounds follow from them."""
+    _, written = quick_report
+    runs = {(r["artifact"], r["mode"], r["batch_size"]): r for r in written["runs"]}
+    for key, r in runs.items():
+        ph = r["phase_seconds"]
+        if key[1] in ("hf_generate", "peft_mixed"):
+            assert ph == {}
+            continue
+        assert set(ph) == {"router", "prefill", "decode", "mixed"} and min(ph.values()) >= 0
+        assert 0 < sum(ph.values()) <= r["seconds"] * 1.001
+        assert ph["prefill"] + ph["mixed"] > 0
+        assert (ph["router"] > 0) == (key[1] != "backbone")      # only routed modes run the router pass
+    macs = written["config"]["artifacts"]["synthetic"]["linear_macs"]
+    b, bb = written["bounds"], runs[("synthetic", "backbone", 3)]
+    delta = macs["factors"] / macs["backbone"]
+    assert b["factor_macs_fraction"] == round(delta, 4) and b["soft_linear_bound"] == round(1 / (1 + delta), 4)
+    for mode in ("lowrank", "lowrank_top2"):
+        r = runs[("synthetic", mode, 3)]
+        router = r["phase_seconds"]["router"]
+        assert b[f"{mode}_router_share"] == round(router / r["seconds"], 4)
+        without = r["tokens"] / (r["seconds"] - router) / bb["tokens_per_s"]
+        assert b[f"{mode}_vs_backbone_without_router"] == pytest.approx(without, abs=1e-4)
+        assert without > r["tokens_per_s"] / bb["tokens_per_s"]
+    top2 = runs[("synthetic", "lowrank_top2", 3)]["phase_seconds"]["router"]
+    assert b["top2_router_bound"] == round(bb["seconds"] / (bb["seconds"] + top2), 4)
+
+
 def test_every_mode_ran_and_generated_every_token(quick_report):
     _, written = quick_report
     runs = written["runs"]
