@@ -264,6 +264,8 @@ def _decode_attend(query, keys, values, mask, scaling, softcap):
         return _attend(query, keys, values, mask, scaling, softcap)
     k, h, _, dim = query.shape
     hkv = keys.shape[1]
+    if keys.dtype != torch.float32:   # CPU bf16 matmul over a strided cache view copies slowly inside: 4x
+        keys, values = keys.contiguous(), values.contiguous()   # slower than this copy plus a dense matmul
     q = query.reshape(k, hkv, h // hkv, dim)
     scores = (q @ keys.transpose(-1, -2)) * (scaling if scaling is not None else dim ** -0.5)   # (K, Hkv, rep, L)
     if softcap is not None:
