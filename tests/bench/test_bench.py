@@ -127,10 +127,12 @@ def test_every_mode_ran_and_generated_every_token(quick_report):
         assert written["targets"][key]["pass"] is True
 
 
-def test_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact):
-    """The batched activation-side path and the per-request fused weights give the same greedy tokens."""
+def pinned_lowrank_and_materialize_agree(artifact, device: str = "cpu") -> None:
+    """The batched activation-side path and the per-request fused weights give the same greedy tokens, for two
+    pinned experts whose outputs differ (so the agreement is not vacuous). Also run on CUDA by tests/gpu."""
     async def go():
-        art = load_bench_artifact(tiny_artifact, with_experts=True)
+        art = load_bench_artifact(artifact, with_experts=True, device=device)
+        assert art.model.device.type == device
         work = random_workload(art, n=6, n_warm=3, seed=5)
         outs = {}
         for expert in ("code", "chat"):
@@ -139,12 +141,16 @@ def test_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact):
             b = await run_engine(art, None, "materialize", 1, work, 6, 64, routing=routing)
             for r in (a, b):
                 check_all_generated(r, 6)
-            assert a.outputs == b.outputs
+            assert a.outputs == b.outputs, expert
             outs[expert] = a.outputs
         return outs
 
     outs = asyncio.run(go())
-    assert outs["code"] != outs["chat"]  # the pinned expert matters, so the agreement is not vacuous
+    assert outs["code"] != outs["chat"]
+
+
+def test_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact):
+    pinned_lowrank_and_materialize_agree(tiny_artifact)
 
 
 def test_argument_parsing(tmp_path):

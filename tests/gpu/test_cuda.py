@@ -9,7 +9,6 @@
 - a bf16 CUDA engine serves greedy completions over HTTP, streamed text equal to the non-streamed text;
 - `twinserve bench --device cuda` runs the engine, the HF/PEFT peers and the roofline on the GPU.
 """
-import asyncio
 import json
 import os
 
@@ -80,31 +79,9 @@ def test_cuda_unified_step_equals_padded_forward(family, family_artifacts, no_tf
 
 def test_cuda_lowrank_and_materialize_agree_for_a_pinned_expert(tiny_artifact, no_tf32):
     """The batched activation-side path and the per-request fused weights give the same greedy tokens."""
-    from bench.runner import (
-        check_all_generated,
-        load_bench_artifact,
-        one_hot_routing,
-        random_workload,
-        run_engine,
-    )
+    from tests.bench.test_bench import pinned_lowrank_and_materialize_agree
 
-    async def go():
-        art = load_bench_artifact(tiny_artifact, with_experts=True, device=DEVICE)
-        assert art.model.device.type == DEVICE
-        work = random_workload(art, n=6, n_warm=3, seed=5)
-        outs = {}
-        for expert in ("code", "chat"):
-            routing = one_hot_routing(art.expert_names, expert)
-            a = await run_engine(art, None, "lowrank", 3, work, 6, 64, routing=routing)
-            b = await run_engine(art, None, "materialize", 1, work, 6, 64, routing=routing)
-            for r in (a, b):
-                check_all_generated(r, 6)
-            assert a.outputs == b.outputs, expert
-            outs[expert] = a.outputs
-        return outs
-
-    outs = asyncio.run(go())
-    assert outs["code"] != outs["chat"]   # the pinned expert matters, so the agreement is not vacuous
+    pinned_lowrank_and_materialize_agree(tiny_artifact, DEVICE)
 
 
 def test_bf16_cuda_matches_fp32_cpu(tiny_artifact):
