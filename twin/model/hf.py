@@ -234,15 +234,17 @@ _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 
 
 def _attend(query, keys, values, mask, scaling, softcap):
-    """softmax(q kᵀ · scaling [soft-capped], masked) v.  q (N, H, S, D), k/v (N, Hkv, L, D), mask (N, 1, S, L)."""
+    """softmax(q kᵀ · scaling [soft-capped], masked) v.  q (N, H, S, D), k/v (N, Hkv, L, D), mask (N, 1, S, L),
+    or None for plain causal attention with S == L (SDPA's is_causal: no mask tensor, and its fused kernels
+    skip the masked blocks; not with softcap)."""
     rep = query.shape[1] // keys.shape[1]
     if softcap is None:
+        kw = {"attn_mask": mask} if mask is not None else {"is_causal": True}
         if query.is_cuda:   # not cuDNN: see _CUDA_SDPA
             with sdpa_kernel(_CUDA_SDPA):
-                return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                                      enable_gqa=rep > 1)
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                              enable_gqa=rep > 1)
+                return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=rep > 1,
+                                                      **kw)
+        return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=rep > 1, **kw)
     # tanh soft-capping of the scores (Gemma 2): softmax in fp32 as transformers' eager kernel
     if rep > 1:
         keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
@@ -311,10 +313,16 @@ def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scalin
         if pure_decode:
             return o.transpose(1, 2), None
         out[d] = o
-    for start, n, slot, p0 in flat.segments:
+    for i, (start, n, slot, p0) in enumerate(flat.segments):
         q = query[start:start + n].transpose(0, 2)                  # (1, H, n, D)
         length = p0 + n
-        mask = _window_mask(torch.arange(p0, length, device=query.device), length, window)[None, None]
+        if p0 == 0 and softcap is None and (window is None or n <= window):
+            mask = None       # a whole prompt from position 0: plain causal, SDPA's own is_causal
+        else:
+            mask = flat.masks.get((i, window))
+            if mask is None:  # the same for every layer with this window: built once per step
+                mask = flat.masks[(i, window)] = _window_mask(torch.arange(p0, length, device=query.device),
+                                                              length, window)[None, None]
         o = _attend(q, k_cache[slot:slot + 1, :, :length], v_cache[slot:slot + 1, :, :length], mask,
                     scaling, softcap)
         out[start:start + n] = o.transpose(0, 2)
