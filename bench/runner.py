@@ -36,6 +36,7 @@ from server.sampling import SamplingParams
 from server.settings import Settings
 from twin.fusion import LowRankDeltas
 from twin.loading import LoadedArtifact, load_artifact
+from twin.model.hf import PackedLinear, PackedTwinLinear, StackedTwinLinear
 
 MODES = ("backbone", "lowrank", "lowrank_top2", "materialize", "expert")
 ENGINE_MODE = {"backbone": "backbone", "lowrank": "lowrank", "lowrank_top2": "lowrank",
@@ -176,12 +177,13 @@ def _module_tensors(module: torch.nn.Module):
     for m in module.modules():
         for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)):
             yield "weights", t
-        # oneDNN-prepacked tensors are plain attributes: PackedLinear.packed (W*), PackedTwinLinear.wa
+        # prepacked/stacked tensors are plain attributes: PackedLinear.packed (W*), Packed/StackedTwinLinear.wa
         # ([W*; A_cat], counted as weights) and .b (B_cat)
-        for name, kind in (("packed", "weights"), ("wa", "weights"), ("b", "deltas")):
-            t = getattr(m, name, None)
-            if isinstance(t, torch.Tensor) and t.is_mkldnn:
-                yield kind, t
+        if isinstance(m, (PackedLinear, PackedTwinLinear, StackedTwinLinear)):
+            for name, kind in (("packed", "weights"), ("wa", "weights"), ("b", "deltas")):
+                t = getattr(m, name, None)
+                if isinstance(t, torch.Tensor):
+                    yield kind, t
         for name in ("deltas", "bias_deltas"):
             d = getattr(m, name, None)
             if isinstance(d, LowRankDeltas):

@@ -137,15 +137,17 @@ def test_greedy_http_equals_transformers_generate(family, family_artifacts):
 
 
 @pytest.mark.parametrize("family", ["llama-gqa-llama3rope", "qwen2-sliding", "gemma2", "phi3", "gpt2"])
-def test_prepacked_weights_give_the_same_logits(family, family_artifacts):
+@pytest.mark.parametrize("layout", ["prepack", "stack_shrink"])
+def test_prepacked_weights_give_the_same_logits(family, family_artifacts, layout):
+    """oneDNN-prepacked layers (CPU) and [W*; A_cat]-stacked layers (what a GPU loads) serve the same model."""
     from twin.model.hf import can_prepack
 
     art_dir, _, _ = family_artifacts(family)
     plain = load_artifact(art_dir, device="cpu", dtype="float32")
     packed = load_artifact(art_dir, device="cpu", dtype="float32")
-    if not can_prepack(packed.model.device, packed.model.dtype):
+    if layout == "prepack" and not can_prepack(packed.model.device, packed.model.dtype):
         pytest.skip("no oneDNN on this CPU build of torch")
-    n = packed.model.prepack(batch_hint=4)
+    n = packed.model.prepack(batch_hint=4) if layout == "prepack" else packed.model.stack_shrink()
     assert n > 0 or family == "gpt2"          # GPT-2's projections are Conv1D: nothing to pack
     seqs = [plain.tokenizer.encode(p) for p in PROMPTS]
     w = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
@@ -259,3 +261,6 @@ def test_linear_macs_count_every_matmul(family, family_artifacts):
     assert want_factors > 0
     plain.model.prepack(batch_hint=4)          # packed layers report the same shapes
     assert plain.model.linear_macs() == {"backbone": want_backbone, "factors": want_factors}
+    stacked = load_artifact(art_dir, device="cpu", dtype="float32")
+    stacked.model.stack_shrink()               # and so do stacked ones
+    assert stacked.model.linear_macs() == {"backbone": want_backbone, "factors": want_factors}

@@ -349,13 +349,13 @@ class TwinLinear(nn.Module):
 
     def factors(self) -> LowRankDeltas | None:
         """B_cat, A_cat of this layer (unpacked from oneDNN's layout when prepacked)."""
-        if isinstance(self.base_layer, PackedTwinLinear):
+        if isinstance(self.base_layer, (PackedTwinLinear, StackedTwinLinear)):
             return self.base_layer.factors()
         return self.deltas
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.ctx.w
-        if isinstance(self.base_layer, PackedTwinLinear):
+        if isinstance(self.base_layer, (PackedTwinLinear, StackedTwinLinear)):
             y = self.base_layer.forward_twin(x, w)
         else:
             y = self.base_layer(x)
@@ -505,6 +505,49 @@ class PackedTwinLinear(nn.Module):
         scale = w.columns(self.idx, self.offsets)                      # (N, R)
         h = yh[..., self.out_features:] * (scale.unsqueeze(1) if x.ndim == 3 else scale)
         return y + torch.ops.mkldnn._linear_pointwise(h, self.b, None, "none", [], "")
+
+
+class StackedTwinLinear(nn.Module):
+    """W* and A_cat stacked in one dense weight (GPU): the PackedTwinLinear layout without oneDNN.
+
+        [y; h] = [W*; A_cat] x + [b*; 0]          one GEMM for the backbone and the shrink
+        y     += B_cat (h ⊙ w[:, idx])             accumulated into y inside the expand GEMM (addmm_)
+
+    Three kernels a layer where F.linear plus a separate shrink, scale, expand and add take five: a decode
+    step on a GPU is launch-bound. ``wa`` is the only copy of W* and A_cat; ``weight`` (its first d_out
+    rows) and ``factors()`` are views of it. θ*-only rows (w None) multiply by those rows alone. The layer
+    output is a column slice of [y; h] (row stride d_out + R), which transformers' projections reshape
+    and slice as they do a contiguous one.
+    """
+
+    def __init__(self, linear: nn.Linear, d: LowRankDeltas):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.wa = torch.cat([w, d.A_cat.to(w.dtype)]).contiguous()
+        self.b = d.B_cat.to(w.dtype).contiguous()
+        self.bias = linear.bias
+        self.bias_wa = (None if linear.bias is None else
+                        torch.cat([linear.bias.detach(), linear.bias.new_zeros(d.rank)]))
+        self.idx, self.num_experts, self.offsets = d.idx, d.num_experts, d.offsets
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.wa[: self.out_features]
+
+    def factors(self) -> LowRankDeltas:
+        return LowRankDeltas(self.wa[self.out_features:], self.b, self.idx, self.num_experts, self.offsets)
+
+    def forward_twin(self, x: torch.Tensor, w: ExpertWeights | None) -> torch.Tensor:
+        if w is None:
+            return F.linear(x, self.wa[: self.out_features], self.bias)
+        o = self.out_features
+        yh = F.linear(x, self.wa, self.bias_wa)                        # (N, [S,] d_out + R)
+        scale = w.columns(self.idx, self.offsets)                      # (N, R)
+        h = yh[..., o:] * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+        y = yh[..., :o]
+        y.view(-1, o).addmm_(h.reshape(-1, h.shape[-1]), self.b.T)     # in place (view() never copies)
+        return y
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -772,6 +815,22 @@ class HFTwinModel(nn.Module):
             count += 1
         return count
 
+    def stack_shrink(self) -> int:
+        """Stack each Twin linear's W* and A_cat into one dense weight (``StackedTwinLinear``; for GPUs, where
+        oneDNN prepacking does not apply). Call after ``attach_deltas``. Returns the count."""
+        head = self.hf.get_output_embeddings()
+        head = head.base_layer if isinstance(head, TwinLinear) else head
+        count = 0
+        for name, twin in list(self.hf.named_modules()):
+            if (isinstance(twin, TwinLinear) and type(twin.base_layer) is nn.Linear and twin.deltas is not None
+                    and twin.deltas.rank and not (self.tied and twin.base_layer is head)):
+                twin.base_layer = StackedTwinLinear(twin.base_layer, twin.deltas)
+                twin.deltas = None
+                self._packed[name + ".weight"] = twin.base_layer
+                self._state[name + ".weight"] = torch.empty(0)   # wa holds the only copy of W*
+                count += 1
+        return count
+
     def linear_macs(self) -> dict[str, int]:
         """Multiply-accumulates per token: ``backbone`` = Σ d_out·d_in over θ*'s linear layers (lm_head
         included), ``factors`` = Σ R·(d_in + d_out) over the exclusive factors of all T experts (an embedding's:
@@ -779,13 +838,13 @@ class HFTwinModel(nn.Module):
         use the ratio. From the shapes alone (nothing is unpacked)."""
         backbone = factors = 0
         for mod in self.hf.modules():
-            if isinstance(mod, (nn.Linear, PackedLinear, PackedTwinLinear)):
+            if isinstance(mod, (nn.Linear, PackedLinear, PackedTwinLinear, StackedTwinLinear)):
                 backbone += mod.in_features * mod.out_features
             elif isinstance(mod, Conv1D):
                 backbone += mod.weight.shape[0] * mod.weight.shape[1]
             elif isinstance(mod, TwinLinear):
                 base = mod.base_layer
-                rank = (base.idx.shape[0] if isinstance(base, PackedTwinLinear) else
+                rank = (base.idx.shape[0] if isinstance(base, (PackedTwinLinear, StackedTwinLinear)) else
                         mod.deltas.rank if mod.deltas is not None else 0)
                 d_in, d_out = ((base.in_features, base.out_features) if not isinstance(base, Conv1D)
                                else tuple(base.weight.shape))
