@@ -130,17 +130,18 @@ def use_grouped(x: torch.Tensor, d: LowRankDeltas, w: ExpertWeights) -> bool:
             and d.A_cat.shape[1] * d.B_cat.shape[0] >= GROUPED_MIN_ELEMENTS and w.sparse)
 
 
+def _scaled_shrink(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
+    """(A_cat x) ⊙ w[:, idx]: (N, [S,] R), each rank column scaled by its expert's weight in that row."""
+    scale = w.columns(d.idx, d.offsets) if isinstance(w, ExpertWeights) else w[:, d.idx]    # (N, R)
+    h = x @ d.A_cat.T
+    return h * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+
+
 def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
     """Σ_t w_t B_t A_t x for each row.  x: (N, S, d_in) or (N, d_in), w: (N, T) -> (N, S, d_out) or (N, d_out)."""
-    if isinstance(w, ExpertWeights):
-        if use_grouped(x, d, w):
-            return _grouped_delta(x, d, w)
-        scale = w.columns(d.idx, d.offsets)
-    else:
-        scale = w[:, d.idx]              # (N, R): each rank column gets its expert's weight in that row
-    h = x @ d.A_cat.T                    # (N, S, R)
-    h = h * (scale.unsqueeze(1) if x.ndim == 3 else scale)
-    return h @ d.B_cat.T                 # (N, S, d_out)
+    if isinstance(w, ExpertWeights) and use_grouped(x, d, w):
+        return _grouped_delta(x, d, w)
+    return _scaled_shrink(x, d, w) @ d.B_cat.T
 
 
 def add_delta_(y: torch.Tensor, x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
@@ -151,9 +152,7 @@ def add_delta_(y: torch.Tensor, x: torch.Tensor, d: LowRankDeltas, w: torch.Tens
     """
     if isinstance(w, ExpertWeights) and use_grouped(x, d, w):
         return y.add_(_grouped_delta(x, d, w))
-    scale = w.columns(d.idx, d.offsets) if isinstance(w, ExpertWeights) else w[:, d.idx]    # (N, R)
-    h = x @ d.A_cat.T                                                                          # (N, [S,] R)
-    h = h * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+    h = _scaled_shrink(x, d, w)
     y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), d.B_cat.T)
     return y
 
