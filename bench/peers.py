@@ -14,12 +14,17 @@ On the same artifact, prompts, max_tokens, device, dtype and thread count as the
   decode step measured on the served model; the ratio is the step's fraction of the matmul roofline.
   On CUDA every timed region ends with ``torch.cuda.synchronize`` (kernels launch asynchronously).
 
+- ``vllm_base`` / ``vllm_lora`` (out of process): θ* and the same adapters exported as checkpoints
+  (``export_vllm_model``) and served by vLLM under its own Python (``bench/vllm_peer.py``, ``run_vllm_job``).
+
 Static batching is how ``generate`` serves a queue: the closed loop of ``batch_size`` clients becomes
 consecutive batches of ``batch_size`` requests, each request arriving when its batch starts.
 """
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -313,3 +318,55 @@ def roofline(hf_model: nn.Module, served_backbone, prompts: list[list[int]], bat
 def release(model) -> None:
     del model
     gc.collect()
+
+
+# ---- vLLM (out of process: bench/vllm_peer.py under vLLM's own Python) ------------------------------
+VLLM_PEER_MODES = ("vllm_base", "vllm_lora")
+VLLM_SCRIPT = Path(__file__).with_name("vllm_peer.py")
+
+
+def export_vllm_model(path: str | Path, out: str | Path) -> dict:
+    """Write θ* and one PEFT LoRA adapter per expert as checkpoints a separate serving stack can load.
+
+    ``out/model``: transformers' class for the artifact's config with θ* (``hf_backbone``, float32),
+    ``save_pretrained`` (config.json + safetensors). ``out/adapters/<expert>``: the adapters exactly as
+    ``peft_mixed_model`` builds them (lora_A = A_t, lora_B = B_t, lora_alpha = r), each saved by PEFT's
+    ``save_pretrained`` (adapter_config.json + adapter_model.safetensors). Returns {"model": dir,
+    "adapters": {expert: dir}, "rank": the largest LoRA rank}. Raises PeerError as ``peft_mixed_model`` does.
+    """
+    out = Path(out)
+    hf = hf_backbone(path, "float32", "cpu")
+    hf.save_pretrained(out / "model")        # before PEFT wraps the modules in place
+    peft_model = peft_mixed_model(hf, path)
+    names = read_manifest(path).expert_names
+    peft_model.save_pretrained(out / "adapters", selected_adapters=names, save_embedding_layers=False)
+    rank = max([c.r for c in peft_model.peft_config.values()]
+               + [k for c in peft_model.peft_config.values() for k in c.rank_pattern.values()])
+    release(peft_model)
+    return {"model": out / "model", "adapters": {n: out / "adapters" / n for n in names}, "rank": rank}
+
+
+def run_vllm_job(python: str | Path, job_dir: str | Path, job: dict, timeout_s: float) -> dict:
+    """Run ``bench/vllm_peer.py`` on ``job_dir`` (already holding model/ and adapters/) under ``python``.
+
+    Writes ``job_dir/job.json``, sends the script's output to ``job_dir/vllm.log`` and returns the parsed
+    ``results.json``. Raises PeerError (the interpreter, exit status or timeout, and the log's last line)
+    when the run cannot give results: the bench then skips the vLLM modes with that reason.
+    """
+    job_dir = Path(job_dir)
+    (job_dir / "job.json").write_text(json.dumps(job))
+    log = job_dir / "vllm.log"
+    try:
+        with open(log, "wb") as f:
+            rc = subprocess.run([str(python), str(VLLM_SCRIPT), str(job_dir)], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, timeout=timeout_s, cwd=job_dir, check=False).returncode
+    except FileNotFoundError:
+        raise PeerError(f"--vllm-python {python}: no such interpreter") from None
+    except PermissionError:
+        raise PeerError(f"--vllm-python {python}: not executable") from None
+    except subprocess.TimeoutExpired:
+        raise PeerError(f"vLLM peer ({python}) did not finish within {timeout_s:.0f} s") from None
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    if rc != 0 or not (job_dir / "results.json").is_file():
+        raise PeerError(f"vLLM peer ({python}) exited with status {rc}: {lines[-1][:300] if lines else '(no output)'}")
+    return json.loads((job_dir / "results.json").read_text())

