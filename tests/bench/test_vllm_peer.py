@@ -130,3 +130,11 @@ def test_vllm_greedy_outputs_equal_twinserve(synthetic):
     # the adapters change what vLLM generates: the LoRA identity is not the base one again
     assert modes["vllm_lora"].outputs != modes["vllm_base"].outputs
     assert res.info["vllm"]["vllm_version"]
+
+
+def test_cli_refuses_vllm_without_the_synthetic_artifact(tmp_path):
+    from bench.cli import run_bench
+
+    with pytest.raises(ValueError, match=r"--vllm-python: .*--synthetic"):
+        run_bench(tmp_path / "artifact", tmp_path / "out.json", vllm_python="/usr/bin/python3")
+    assert not (tmp_path / "out.json").exists()
