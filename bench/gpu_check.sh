@@ -12,7 +12,8 @@ set +e
 set -o pipefail
 OUT=${OUT:?set OUT to the folder for logs and JSON}
 DEVICE=${DEVICE:-cuda}
-PY=${PY:-python3}
+# the project's .venv when there is one (make install), else the machine's python3 (a GPU image with torch)
+if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-345}   # seconds for the whole script: the device call that runs it allows 420
@@ -33,7 +34,7 @@ step() {  # step NAME SECONDS LOG COMMAND... : time-limited, output also to LOG 
     return 0
 }
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ "$PY" != .venv/bin/python ] && ls .whl/*.whl >/dev/null 2>&1; then   # a .venv has the packages already
     step wheels 120 /dev/null $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD

@@ -26,6 +26,7 @@ import gc
 import json
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def peft_mixed_model(model: nn.Module, path: str | Path) -> nn.Module:
         cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
                          rank_pattern=other, alpha_pattern=dict(other), bias="none")
         if peft_model is None:
-            peft_model = get_peft_model(model, cfg, adapter_name=name)
+            with warnings.catch_warnings():   # peft asks transformers a deprecated question (is_gradient_checkpointing)
+                warnings.simplefilter("ignore", FutureWarning)
+                peft_model = get_peft_model(model, cfg, adapter_name=name)
         else:
             peft_model.add_adapter(name, cfg)
     assert peft_model is not None

@@ -118,15 +118,17 @@ def _all_identical(entry: dict | None) -> tuple[str | None, bool | None]:
     return f"{same}/{n}", (same == n) if n else None
 
 
-def check_targets(ratios: dict, identity: dict | None = None, dtype: str = "float32") -> dict:
+def check_targets(ratios: dict, identity: dict | None = None, dtype: str = "float32", quick: bool = False) -> dict:
     """Ratio targets, and greedy-identity targets. Identity is a target of the full-precision path only: in
     bf16, fused weights (materialize) and activation-side deltas (lowrank) round differently, as do GEMMs
-    blocked for batch 1 and batch 16, so a near-tie argmax may flip. bf16 identity is reported, not judged."""
+    blocked for batch 1 and batch 16, so a near-tie argmax may flip. bf16 identity is reported, not judged.
+    ``quick``: the tiny model's timed loops last milliseconds, so no throughput target is judged."""
     out = {}
     for key, (op, bound) in TARGETS.items():
         v = ratios.get(key)
-        ok = None if v is None else (v >= bound if op == ">=" else v <= bound)
-        out[key] = {"target": f"{op} {bound}", "value": v, "pass": ok}
+        ok = None if v is None or (quick and key != "memory_vs_backbone") else (v >= bound if op == ">=" else v <= bound)
+        out[key] = {"target": f"{op} {bound}" + (" (not judged: --quick)" if quick and ok is None else ""),
+                    "value": v, "pass": ok}
     for key in IDENTITY_TARGETS:
         v, ok = _all_identical((identity or {}).get(key))
         if dtype != "float32":
@@ -176,7 +178,7 @@ def print_phases(report: dict, console: Console) -> None:
     rows = [r for r in report["runs"] if r.get("phase_seconds")]
     if not rows:
         return
-    table = Table(title="where the time goes (seconds of the reported repeat)")
+    table = Table(title="where the time goes (seconds of the timed loop whose throughput is reported above)")
     for col in ("artifact", "mode", "batch", "wall", "router", "prefill", "decode", "mixed", "rest"):
         table.add_column(col, justify="left" if col in ("artifact", "mode") else "right")
     for r in rows:
@@ -185,6 +187,12 @@ def print_phases(report: dict, console: Console) -> None:
         table.add_row(r["artifact"], r["mode"], str(r["batch_size"]), f"{r['seconds']:.3f}",
                       *(f"{ph.get(k, 0.0):.3f}" for k in ("router", "prefill", "decode", "mixed")), f"{rest:.3f}")
     console.print(table)
+    console.print("router = the router pass (θ* blocks 0..L_r−1 over each new prompt, then the MLP); prefill, "
+                  "decode, mixed = engine steps that carried prompt chunks only, decode tokens only, or both; "
+                  "rest = scheduling, detokenising, the event loop and waiting for clients")
+    if report["config"].get("quick"):
+        console.print("[yellow]--quick: timed loops of milliseconds on a tiny model; the times, the bounds "
+                      "and the ratios below are noise[/]")
     for label, key in (("synthetic", "bounds"), ("demo", "demo_bounds")):
         b = report.get(key) or {}
         if "soft_linear_bound" not in b:

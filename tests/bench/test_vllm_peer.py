@@ -138,3 +138,12 @@ def test_cli_refuses_vllm_without_the_synthetic_artifact(tmp_path):
     with pytest.raises(ValueError, match=r"--vllm-python: .*--synthetic"):
         run_bench(tmp_path / "artifact", tmp_path / "out.json", vllm_python="/usr/bin/python3")
     assert not (tmp_path / "out.json").exists()
+
+
+def test_cli_refuses_a_vllm_python_that_does_not_exist(tmp_path):
+    """Refused before any work (the bench would otherwise run for minutes, then skip the vLLM runs)."""
+    from server.cli import main
+
+    rc = main(["bench", "--synthetic", "--quick", "--vllm-python", str(tmp_path / "nope" / "python"),
+               "--out", str(tmp_path / "out.json")])
+    assert rc == 2 and not (tmp_path / "out.json").exists()
