@@ -18,6 +18,7 @@ import torch
 from bench.peers import PeerError, export_vllm_model, hf_backbone, run_vllm_job
 from bench.runner import bench_artifact, load_bench_artifact
 from bench.synthetic import SyntheticSpec, build_synthetic_artifact, random_prompts
+from tests.bench.test_peers import _served_logits, _valid
 from twin.artifact import read_manifest
 from twin.generate import right_pad
 
@@ -39,18 +40,6 @@ def exported(synthetic, tmp_path_factory):
 
 def _prompts(n: int = 4) -> list[list[int]]:
     return [ids for _, ids in random_prompts(SPEC, n, seed=5, min_len=5, max_len=12)]
-
-
-@torch.no_grad()
-def _served_logits(art, prompts, w):
-    ids, pos, _ = right_pad(prompts, 0, "cpu")
-    cache = art.model.new_cache(len(prompts), ids.shape[1] + 1)
-    return art.model(ids, pos, cache, torch.arange(len(prompts)), w)          # (N, S, V)
-
-
-def _valid(prompts, logits):
-    """Only real (unpadded) positions: (N, S, V) -> (tokens, V)."""
-    return torch.cat([logits[i, :len(p)] for i, p in enumerate(prompts)])
 
 
 @torch.no_grad()
