@@ -160,7 +160,8 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     if SYNTHETIC_LABEL in by_label:
         syn = by_label[SYNTHETIC_LABEL].info
         report["ratios"] = compute_ratios(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("roofline"))
-        report["bounds"] = compute_bounds(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("linear_macs"))
+        report["bounds"] = compute_bounds(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("linear_macs"),
+                                          syn.get("roofline"))
         report["identity"] = syn["identity"]
         report["targets"] = check_targets(report["ratios"], report["identity"], dtype, quick)
     if label is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import time
 import warnings
@@ -349,27 +350,53 @@ def export_vllm_model(path: str | Path, out: str | Path) -> dict:
     return {"model": out / "model", "adapters": {n: out / "adapters" / n for n in names}, "rank": rank}
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads (started with start_new_session=True), then reap it."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_vllm_job(python: str | Path, job_dir: str | Path, job: dict, timeout_s: float) -> dict:
     """Run ``bench/vllm_peer.py`` on ``job_dir`` (already holding model/ and adapters/) under ``python``.
 
     Writes ``job_dir/job.json``, sends the script's output to ``job_dir/vllm.log`` and returns the parsed
-    ``results.json``. Raises PeerError (the interpreter, exit status or timeout, and the log's last line)
-    when the run cannot give results: the bench then skips the vLLM modes with that reason.
+    ``results.json``. Raises PeerError (the interpreter, exit status or timeout, and the log's last 20
+    lines) when the run cannot give results: the bench then skips the vLLM modes with that reason. A
+    timeout or an interrupt kills vLLM's whole process tree.
     """
     job_dir = Path(job_dir)
     (job_dir / "job.json").write_text(json.dumps(job))
     log = job_dir / "vllm.log"
+
+    def tail(n: int = 20) -> str:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()] if log.is_file() else []
+        return "\n".join(x[:300] for x in lines[-n:]) or "(no output)"
+
     try:
         with open(log, "wb") as f:
-            rc = subprocess.run([str(python), str(VLLM_SCRIPT), str(job_dir)], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, timeout=timeout_s, cwd=job_dir, check=False).returncode
+            # its own process group: vLLM's engine core and worker are grandchildren that outlive a killed
+            # parent, so a timeout or an interrupt kills the whole group
+            proc = subprocess.Popen([str(python), str(VLLM_SCRIPT), str(job_dir)], stdout=f, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=job_dir, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            except BaseException:
+                _kill_group(proc)
+                raise
     except FileNotFoundError:
         raise PeerError(f"--vllm-python {python}: no such interpreter") from None
     except PermissionError:
         raise PeerError(f"--vllm-python {python}: not executable") from None
+    except OSError as e:          # e.g. not a program this machine can run (ENOEXEC)
+        raise PeerError(f"--vllm-python {python}: cannot run it ({e.strerror or e})") from None
     except subprocess.TimeoutExpired:
-        raise PeerError(f"vLLM peer ({python}) did not finish within {timeout_s:.0f} s") from None
-    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        raise PeerError(f"vLLM peer ({python}) did not finish within {timeout_s:.0f} s; its last output:\n"
+                        f"{tail()}") from None
     if rc != 0 or not (job_dir / "results.json").is_file():
-        raise PeerError(f"vLLM peer ({python}) exited with status {rc}: {lines[-1][:300] if lines else '(no output)'}")
+        raise PeerError(f"vLLM peer ({python}) exited with status {rc}; its last output:\n{tail()}")
     return json.loads((job_dir / "results.json").read_text())

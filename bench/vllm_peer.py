@@ -59,8 +59,12 @@ def _configure_env(job: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(job.get("kv_cache_gib", 1))))
     threads = int(job.get("threads", 1))
     if threads > 0:
-        cores = sorted(os.sched_getaffinity(0))[-threads:]
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+        bound = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+        if bound and all(c.isdigit() for c in bound.split(",")):   # the caller's cores, as a list
+            cores = sorted(int(c) for c in bound.split(","))
+        else:
+            cores = sorted(os.sched_getaffinity(0))[-threads:]
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
         # the whole process tree (client, engine core, worker) on those cores: the same CPU budget as the
         # single-process engine it is compared with, not a second core for vLLM's scheduler to spin on
         os.sched_setaffinity(0, cores)

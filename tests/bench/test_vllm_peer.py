@@ -91,8 +91,8 @@ def test_embed_head_deltas_option_leaves_those_tensors_to_theta_star(tmp_path):
 def test_vllm_job_failures_are_peer_errors(tmp_path):
     with pytest.raises(PeerError, match=r"no such interpreter"):
         run_vllm_job(tmp_path / "missing" / "python", tmp_path, {"modes": ["base"]}, timeout_s=30)
-    # this interpreter has no vllm: the script fails on import, and the error carries the log's last line
-    with pytest.raises(PeerError, match=r"exited with status 1: .*vllm"):
+    # this interpreter has no vllm: the script fails on import, and the error carries the log's last lines
+    with pytest.raises(PeerError, match=r"(?s)exited with status 1; its last output:.*vllm"):
         run_vllm_job(sys.executable, tmp_path, {"modes": ["base"], "threads": 1}, timeout_s=120)
 
 
@@ -136,3 +136,36 @@ def test_cli_refuses_a_vllm_python_that_does_not_exist(tmp_path):
     rc = main(["bench", "--synthetic", "--quick", "--vllm-python", str(tmp_path / "nope" / "python"),
                "--out", str(tmp_path / "out.json")])
     assert rc == 2 and not (tmp_path / "out.json").exists()
+
+
+def test_vllm_job_timeout_kills_the_whole_process_tree(tmp_path):
+    """vLLM's engine core and worker are grandchildren: a timeout must not leave them running."""
+    import time
+
+    fake = tmp_path / "python"
+    pidfile = tmp_path / "grandchild.pid"
+    fake.write_text(f"#!/bin/sh\necho starting\nsleep 120 &\necho $! > {pidfile}\nwait\n")
+    fake.chmod(0o755)
+    with pytest.raises(PeerError, match=r"(?s)did not finish within 2 s.*starting"):
+        run_vllm_job(fake, tmp_path, {"modes": ["base"]}, timeout_s=2)
+    pid = int(pidfile.read_text())
+    def running() -> bool:                   # a killed orphan may stay a zombie until init reaps it
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    for _ in range(50):                      # SIGKILL is delivered asynchronously to the group
+        if not running():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"grandchild {pid} still running after the timeout")
+
+
+def test_vllm_job_that_cannot_run_is_a_peer_error(tmp_path):
+    bad = tmp_path / "python"
+    bad.write_bytes(b"\x00\x01 not a program")
+    bad.chmod(0o755)
+    with pytest.raises(PeerError, match=r"cannot run it"):
+        run_vllm_job(bad, tmp_path, {"modes": ["base"]}, timeout_s=5)
