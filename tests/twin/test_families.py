@@ -151,8 +151,11 @@ def test_prepacked_weights_give_the_same_logits(family, family_artifacts, layout
     assert n > 0 or family == "gpt2"          # GPT-2's projections are Conv1D: nothing to pack
     seqs = [plain.tokenizer.encode(p) for p in PROMPTS]
     w = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
+    before = {k: v.clone() for k, v in plain.model.backbone_state().items()}
     for a, b in zip(run(plain.model, seqs, w), run(packed.model, seqs, w)):
         assert float((a - b).abs().max()) <= TOL
+    # the deltas are added into fresh layer outputs (in place): θ* itself is never written
+    assert all(torch.equal(before[k], t) for k, t in plain.model.backbone_state().items())
     # the reference paths unpack exactly: θ* and the materialised θ* + Σ w_t δ̂_t
     state_a, state_b = plain.model.backbone_state(), packed.model.backbone_state()
     assert state_a.keys() == state_b.keys()
