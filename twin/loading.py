@@ -108,7 +108,7 @@ def load_artifact(path: str | Path, device: str = "auto", dtype: str = "auto", v
     model = build_model(config, load_tensors(path, BACKBONE), manifest, dev, dt, with_experts, path)
     if prepack_batch and hasattr(model, "prepack"):
         model.prepack(prepack_batch)   # CPU oneDNN layout for the linears (twin.model.hf.PackedLinear)
-    if model.device.type != "cpu" and hasattr(model, "stack_shrink"):
+    if model.device.type == "cuda" and hasattr(model, "stack_shrink"):
         model.stack_shrink()           # GPU: [W*; A_cat] in one weight (twin.model.hf.StackedTwinLinear)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
     return LoadedArtifact(path, manifest, config, model, tokenizer, expert_reader)
