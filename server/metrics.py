@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WINDOW_S = 300.0
+# what an engine step carried: prompt chunks only, decode tokens only, or both (one forward)
+STEP_PHASES = ("prefill", "decode", "mixed")
 
 
 class Metrics:
@@ -45,7 +47,7 @@ class Metrics:
         self.finished = Counter("twinserve_finished_requests", "finished requests by reason", ["reason"], registry=r)
         self.info = Info("twinserve_fusion", "fusion mode and model", registry=r)
         self.info.info({"mode": mode, "model": model, "experts": ",".join(experts)})
-        for phase in ("prefill", "decode", "mixed"):
+        for phase in STEP_PHASES:
             self.step_seconds.labels(phase)
             self.step_tokens.labels(phase)
         for e in experts:  # export zeros so dashboards see every expert from the start
@@ -61,7 +63,7 @@ class Metrics:
         """Seconds spent so far in the router pass and in engine steps by phase (prefill, decode, mixed)."""
         get = self.registry.get_sample_value
         out = {"router": get("twinserve_router_latency_seconds_sum") or 0.0}
-        for phase in ("prefill", "decode", "mixed"):
+        for phase in STEP_PHASES:
             out[phase] = get("twinserve_engine_step_seconds_sum", {"phase": phase}) or 0.0
         return out
 

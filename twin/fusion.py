@@ -130,11 +130,17 @@ def use_grouped(x: torch.Tensor, d: LowRankDeltas, w: ExpertWeights) -> bool:
             and d.A_cat.shape[1] * d.B_cat.shape[0] >= GROUPED_MIN_ELEMENTS and w.sparse)
 
 
+def scale_by_expert(h: torch.Tensor, w: torch.Tensor | ExpertWeights, idx: torch.Tensor,
+                    offsets: tuple[int, ...] = ()) -> torch.Tensor:
+    """h ⊙ w[:, idx]: the shrunk activations h = A_cat x, (N, [S,] R), each rank column scaled by its
+    expert's weight in that row (w (N, T); an ExpertWeights reuses one gather per forward)."""
+    scale = w.columns(idx, offsets) if isinstance(w, ExpertWeights) else w[:, idx]    # (N, R)
+    return h * (scale.unsqueeze(1) if h.ndim == 3 else scale)
+
+
 def _scaled_shrink(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
-    """(A_cat x) ⊙ w[:, idx]: (N, [S,] R), each rank column scaled by its expert's weight in that row."""
-    scale = w.columns(d.idx, d.offsets) if isinstance(w, ExpertWeights) else w[:, d.idx]    # (N, R)
-    h = x @ d.A_cat.T
-    return h * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+    """(A_cat x) ⊙ w[:, idx]: (N, [S,] R)."""
+    return scale_by_expert(x @ d.A_cat.T, w, d.idx, d.offsets)
 
 
 def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:

@@ -17,6 +17,7 @@ causal (and, where the layer asks for it, sliding-window) mask.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_utils import AttentionInterface
 from transformers.pytorch_utils import Conv1D
 
-from twin.fusion import ExpertWeights, LowRankDeltas, add_delta_, materialize_weight
+from twin.fusion import ExpertWeights, LowRankDeltas, add_delta_, materialize_weight, scale_by_expert
 
 ATTN_IMPLEMENTATION = "twinserve"
 # checkpoint tensors that are buffers, not parameters: never part of θ*, never compared
@@ -240,11 +241,8 @@ def _attend(query, keys, values, mask, scaling, softcap):
     rep = query.shape[1] // keys.shape[1]
     if softcap is None:
         kw = {"attn_mask": mask} if mask is not None else {"is_causal": True}
-        if query.is_cuda:   # not cuDNN: see _CUDA_SDPA
-            with sdpa_kernel(_CUDA_SDPA):
-                return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=rep > 1,
-                                                      **kw)
-        return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=rep > 1, **kw)
+        with sdpa_kernel(_CUDA_SDPA) if query.is_cuda else contextlib.nullcontext():   # not cuDNN: _CUDA_SDPA
+            return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=rep > 1, **kw)
     # tanh soft-capping of the scores (Gemma 2): softmax in fp32 as transformers' eager kernel
     if rep > 1:
         keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
@@ -502,8 +500,7 @@ class PackedTwinLinear(nn.Module):
         y = yh[..., : self.out_features]
         if w is None:
             return y.contiguous()
-        scale = w.columns(self.idx, self.offsets)                      # (N, R)
-        h = yh[..., self.out_features:] * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+        h = scale_by_expert(yh[..., self.out_features:], w, self.idx, self.offsets)
         return y + torch.ops.mkldnn._linear_pointwise(h, self.b, None, "none", [], "")
 
 
@@ -543,8 +540,7 @@ class StackedTwinLinear(nn.Module):
             return F.linear(x, self.wa[: self.out_features], self.bias)
         o = self.out_features
         yh = F.linear(x, self.wa, self.bias_wa)                        # (N, [S,] d_out + R)
-        scale = w.columns(self.idx, self.offsets)                      # (N, R)
-        h = yh[..., o:] * (scale.unsqueeze(1) if x.ndim == 3 else scale)
+        h = scale_by_expert(yh[..., o:], w, self.idx, self.offsets)
         y = yh[..., :o]
         y.view(-1, o).addmm_(h.reshape(-1, h.shape[-1]), self.b.T)     # in place (view() never copies)
         return y
@@ -792,17 +788,10 @@ class HFTwinModel(nn.Module):
         """
         if not can_prepack(self.device, self.dtype):
             return 0
+        # Twin layers: backbone + shrink in one GEMM
+        count = self._stack_twin_layers(lambda linear, d: PackedTwinLinear(linear, d, batch_hint))
         head = self.hf.get_output_embeddings()
         head = head.base_layer if isinstance(head, TwinLinear) else head
-        count = 0
-        for name, twin in list(self.hf.named_modules()):   # Twin layers: backbone + shrink in one GEMM
-            if (isinstance(twin, TwinLinear) and type(twin.base_layer) is nn.Linear and twin.deltas is not None
-                    and twin.deltas.rank and not (self.tied and twin.base_layer is head)):
-                twin.base_layer = PackedTwinLinear(twin.base_layer, twin.deltas, batch_hint)
-                twin.deltas = None
-                self._packed[name + ".weight"] = twin.base_layer
-                self._state[name + ".weight"] = torch.empty(0)
-                count += 1
         for name, mod in list(self.hf.named_modules()):
             if type(mod) is not nn.Linear or (self.tied and mod is head):
                 continue
@@ -818,16 +807,21 @@ class HFTwinModel(nn.Module):
     def stack_shrink(self) -> int:
         """Stack each Twin linear's W* and A_cat into one dense weight (``StackedTwinLinear``; for GPUs, where
         oneDNN prepacking does not apply). Call after ``attach_deltas``. Returns the count."""
+        return self._stack_twin_layers(StackedTwinLinear)
+
+    def _stack_twin_layers(self, make) -> int:
+        """Replace the nn.Linear base of every Twin linear with factors (not a tied head, which is the
+        embedding table) by ``make(linear, deltas)``, a layer holding [W*; A_cat] as the only copy of W*."""
         head = self.hf.get_output_embeddings()
         head = head.base_layer if isinstance(head, TwinLinear) else head
         count = 0
         for name, twin in list(self.hf.named_modules()):
             if (isinstance(twin, TwinLinear) and type(twin.base_layer) is nn.Linear and twin.deltas is not None
                     and twin.deltas.rank and not (self.tied and twin.base_layer is head)):
-                twin.base_layer = StackedTwinLinear(twin.base_layer, twin.deltas)
+                twin.base_layer = make(twin.base_layer, twin.deltas)
                 twin.deltas = None
                 self._packed[name + ".weight"] = twin.base_layer
-                self._state[name + ".weight"] = torch.empty(0)   # wa holds the only copy of W*
+                self._state[name + ".weight"] = torch.empty(0)   # the stacked weight holds W*
                 count += 1
         return count
 
