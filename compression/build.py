@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -15,16 +16,24 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from twin import __version__
-from twin.artifact import BACKBONE, EXCLUSIVE, REPORT, atomic_dir, exclusive_key, finalize_manifest
+from twin.artifact import (
+    BACKBONE,
+    EXCLUSIVE,
+    REPORT,
+    LazyTensors,
+    ShardWriter,
+    atomic_dir,
+    exclusive_key,
+    finalize_manifest,
+)
 from twin.manifest import Manifest, TensorEntry
 
 from .checkpoints import CheckpointError, LazyState, PeftExpert, load_config, open_expert
-from .lowrank import allocate_ranks, dequantized_error, quantize_factors, truncated_svd
+from .lowrank import allocate_ranks, dequantized_error, quantize_factors, spectrum, truncated_svd
 from .merging import merge_params, merge_tensor
 from .recipe import RankPolicy, Recipe, RecipeError
 
@@ -32,6 +41,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 GENERATION_CONFIG = "generation_config.json"
 # safetensors header bytes per stored tensor besides its name (dtype, shape, offsets), kept out of the budget
 HEADER_BYTES_PER_TENSOR = 72
+# θ* and the factors are written in shards of about this size as they are produced (the most the writer holds)
+SHARD_BYTES = 1 << 29
 
 
 def keeps_delta(name: str, policy: RankPolicy) -> bool:
@@ -72,16 +83,47 @@ class CheckpointSources:
         self.head, self.embed = pair if self.untie else (None, None)
         self.keys = base.keys() + ([self.head] if self.untie else [])
 
+    def name_in(self, src, name: str) -> str:
+        return self.embed if name == self.head and not _has(src, name) else name
+
     def read(self, src, name: str) -> torch.Tensor:
-        return src.get(self.embed if name == self.head and not _has(src, name) else name)
+        return src.get(self.name_in(src, name))
+
+    def rows(self, src, name: str) -> _Rows:
+        return _Rows(src, self.name_in(src, name), self.base.shape(self.name_in(self.base, name)))
 
     def all(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.read(self.base, name), [self.read(e, name) for e in self.experts]
 
+    def unchanged(self, name: str) -> bool:
+        """No expert changes ``name`` (LoRA adapters that leave it alone): θ* = θ_0 there and every δ_t = 0."""
+        return all(self.name_in(e, name) == self.name_in(self.base, name) and e.unchanged(self.name_in(e, name))
+                   for e in self.experts)
+
+
+class _Rows:
+    """One checkpoint's tensor as the streamed merge reads it (compression.merging.TensorRows)."""
+
+    def __init__(self, src, name: str, shape: tuple[int, ...]):
+        self.src, self.name, self.shape = src, name, tuple(shape)
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self.src.rows(self.name, lo, hi)
+
+    def full(self) -> torch.Tensor:
+        return self.src.get(self.name)
+
 
 def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
-                   zoo_fingerprint: str | None = None) -> Manifest:
+                   zoo_fingerprint: str | None = None, shard_bytes: int = SHARD_BYTES) -> Manifest:
     """Build the artifact for ``recipe`` into ``out`` atomically; return the manifest.
+
+    Streamed: one tensor in flight. Each tensor of θ* is merged in row blocks from the checkpoints'
+    mmaps (``merge_tensor`` with row readers), each δ_t = θ_t − θ* is factored while θ* is in hand, and
+    both are appended to sharded safetensors files in the temp dir as they are produced. Tensors no expert
+    changes (a LoRA adapter's embedding) are copied through: no merge, no δ_t. With ``compress.budget`` a
+    first pass writes θ* and keeps each δ_t's leading spectrum; a second re-reads θ* from the temp dir to
+    factor at the allocated ranks.
 
     Raises CheckpointError (unreadable base/expert/tokenizer) or RecipeError (a budget too small for
     the dense 1-D deltas), each naming the path or field.
@@ -105,20 +147,26 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     if src.untie:
         config.tie_word_embeddings = False
 
-    backbone: dict[str, torch.Tensor] = {}
-    exclusive: dict[str, torch.Tensor] = {}
     tensors: dict[str, TensorEntry] = {}
     per_expert = {n: {"factor_bytes": 0, "dense_delta_bytes": 0, "errors": [], "quant_errors": []} for n in names}
-    spectra: dict[tuple[str, str], torch.Tensor] = {}   # (param, expert) -> singular values (budget only)
+    spectra: dict[tuple[str, str], torch.Tensor] = {}   # (param, expert) -> leading singular values (budget only)
+    counts = {"tensors": len(src.keys), "unchanged": 0, "randomized_svd": 0, "exact_svd": 0}
     dense_expert_bytes = 0
+    dense_bytes = 0          # exclusive bytes of the 1-D deltas (budget accounting)
+    n_keys = 0               # exclusive tensors written (budget accounting: header bytes)
+    phases: dict[str, float] = {}
 
-    def store_factors(pname: str, name: str, delta: torch.Tensor, rank: int | None, energy: float | None) -> None:
+    def store_factors(ew: ShardWriter, pname: str, name: str, delta: torch.Tensor, rank: int | None,
+                      energy: float | None) -> None:
+        nonlocal n_keys
         lr = truncated_svd(delta, rank=rank, energy=energy, max_rank=policy.max_rank, method=policy.svd)
+        counts["randomized_svd" if lr.method == "randomized" else "exact_svd"] += 1
         stored = quantize_factors(lr, factor_dtype)
         for part, t in stored.tensors().items():
-            exclusive[exclusive_key(pname, name, part)] = t
-        norm = torch.linalg.matrix_norm(delta.float()).item()
-        qerr = dequantized_error(lr, stored, norm) if factor_dtype != "float32" else 0.0
+            ew.add(exclusive_key(pname, name, part), t)
+            n_keys += 1
+        qerr = dequantized_error(lr, stored, float(torch.linalg.vector_norm(delta))) \
+            if factor_dtype != "float32" else 0.0
         info = tensors[pname]
         info.ranks[name] = lr.rank
         info.rel_error[name] = round(lr.rel_error, 6)
@@ -128,82 +176,112 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
         s["errors"].append(lr.rel_error)
         s["quant_errors"].append(qerr)
 
-    for pname in tqdm(src.keys, desc="merge + SVD", unit="tensor", disable=quiet):
-        w0, ws = src.all(pname)
-        theta_star = merge_tensor(pname, w0, ws, recipe.merge.method, **params)  # fp32
-        backbone[pname] = theta_star.to(dtype).contiguous()
-        dense_expert_bytes += len(names) * w0.numel() * esize
-        if not keeps_delta(pname, policy):
-            continue
-        tensors[pname] = TensorEntry(shape=list(w0.shape), kind="lowrank" if w0.ndim == 2 else "dense",
-                                     factor_dtype=factor_dtype if w0.ndim == 2 else None)
-        for name, w in zip(names, ws):
-            delta = w.float() - backbone[pname].float()  # δ_t = θ_t − θ* (as stored, so rounding is corrected)
-            per_expert[name]["dense_delta_bytes"] += delta.numel() * esize
-            if delta.ndim != 2:
-                exclusive[exclusive_key(pname, name, "delta")] = delta.to(dtype).contiguous()
-                per_expert[name]["factor_bytes"] += delta.numel() * esize
-            elif recipe.compress.budget is not None:
-                spectra[(pname, name)] = torch.linalg.svdvals(delta)
-            else:
-                store_factors(pname, name, delta, policy.rank, policy.energy)
+    def deltas(pname: str, theta_star: torch.Tensor):
+        """(expert, δ_t = θ_t − θ* as stored (so rounding is corrected), fp32), one expert at a time."""
+        for name, e in zip(names, experts):
+            yield name, src.rows(e, pname).full().float() - theta_star.float()
 
-    budget = None
-    if recipe.compress.budget is not None:
-        budget = _budget(recipe, dense_expert_bytes, exclusive, spectra)
-        shapes = {k: tuple(tensors[k[0]].shape) for k in spectra}
-        ranks = allocate_ranks(spectra, shapes, budget["factor_bytes"], factor_dtype, policy.max_rank)
-        for pname in tqdm(list(dict.fromkeys(p for p, _ in spectra)), desc="budgeted SVD", unit="tensor",
-                          disable=quiet):
-            _, ws = src.all(pname)
-            for name, w in zip(names, ws):
-                store_factors(pname, name, w.float() - backbone[pname].float(), ranks[(pname, name)], None)
-
-    report_experts = {}
-    for name, s in per_expert.items():
-        errs, qerrs = s.pop("errors"), s.pop("quant_errors")
-        report_experts[name] = dict(s, ratio=round(s["factor_bytes"] / max(1, s["dense_delta_bytes"]), 4),
-                                    mean_rel_error=round(sum(errs) / max(1, len(errs)), 4),
-                                    max_quant_error=round(max(qerrs, default=0.0), 6))
-    report = {"build": {"experts": report_experts, "seconds": round(time.perf_counter() - t0, 2),
-                        "merge": recipe.merge.model_dump(), "rank_policy": policy.model_dump(),
-                        "compress": recipe.compress.model_dump(), "factor_dtype": factor_dtype,
-                        "dense_expert_bytes": dense_expert_bytes, "budget": budget,
-                        "untied_head": src.untie}}
-    manifest = Manifest(
-        created_by=f"twinserve {__version__}",
-        architecture=(config.architectures or [type(config).__name__])[0],
-        config=config.to_dict(),
-        dtype=recipe.dtype,
-        base=recipe.base,
-        experts=[{"name": e.name, "description": e.description, "source": e.path} for e in recipe.experts],
-        merge=recipe.merge.model_dump(),
-        rank_policy=dict(policy.model_dump(), **recipe.compress.model_dump()),
-        tensors=tensors,
-        recipe=recipe.model_dump(mode="json"),
-        untied_head=src.untie,
-        zoo_fingerprint=zoo_fingerprint,
-    )
+    in_bytes = sum(math.prod(base.shape(src.name_in(base, k))) for k in src.keys) * (len(names) + 1) * esize
     with atomic_dir(out) as tmp:
-        save_file(backbone, str(tmp / BACKBONE))
-        save_file(exclusive, str(tmp / EXCLUSIVE))
+        bw = ShardWriter(tmp, BACKBONE, shard_bytes)
+        ew = ShardWriter(tmp, EXCLUSIVE, shard_bytes)
+        bar = tqdm(total=in_bytes, desc="merge + factor", unit="B", unit_scale=True, unit_divisor=1024,
+                   disable=quiet, smoothing=0.05)
+        for pname in src.keys:
+            b0 = src.rows(base, pname)
+            numel = math.prod(b0.shape)
+            bar.set_postfix_str(pname, refresh=False)
+            dense_expert_bytes += len(names) * numel * esize
+            if src.unchanged(pname):     # θ* = θ_0, δ_t = 0: nothing to merge or factor
+                bw.add(pname, b0.full().to(dtype))
+                counts["unchanged"] += 1
+                bar.update(numel * (len(names) + 1) * esize)
+                continue
+            theta_star = merge_tensor(pname, b0, [src.rows(e, pname) for e in experts], recipe.merge.method,
+                                      out_dtype=dtype, **params)
+            bw.add(pname, theta_star)
+            if keeps_delta(pname, policy):
+                tensors[pname] = TensorEntry(shape=list(b0.shape), kind="lowrank" if len(b0.shape) == 2 else "dense",
+                                             factor_dtype=factor_dtype if len(b0.shape) == 2 else None)
+                for name, delta in deltas(pname, theta_star):
+                    per_expert[name]["dense_delta_bytes"] += delta.numel() * esize
+                    if delta.ndim != 2:
+                        ew.add(exclusive_key(pname, name, "delta"), delta.to(dtype))
+                        per_expert[name]["factor_bytes"] += delta.numel() * esize
+                        dense_bytes += delta.numel() * esize
+                        n_keys += 1
+                    elif recipe.compress.budget is not None:
+                        spectra[(pname, name)] = spectrum(delta, policy.max_rank, policy.svd)
+                    else:
+                        store_factors(ew, pname, name, delta, policy.rank, policy.energy)
+                    del delta
+            del theta_star
+            bar.update(numel * (len(names) + 1) * esize)
+        bar.close()
+        backbone_files = bw.close()
+
+        budget = None
+        if recipe.compress.budget is not None:
+            budget = _budget(recipe, dense_expert_bytes, dense_bytes, n_keys, spectra)
+            shapes = {k: tuple(tensors[k[0]].shape) for k in spectra}
+            ranks = allocate_ranks(spectra, shapes, budget["factor_bytes"], factor_dtype, policy.max_rank)
+            written = LazyTensors(tmp, BACKBONE)
+            todo = list(dict.fromkeys(p for p, _ in spectra))
+            for pname in tqdm(todo, desc="budgeted factors", unit="tensor", disable=quiet):
+                theta_star = written.get(pname)
+                for name, delta in deltas(pname, theta_star):
+                    store_factors(ew, pname, name, delta, ranks[(pname, name)], None)
+        exclusive_files = ew.close()
+        phases["merge_factor_s"] = round(time.perf_counter() - t0, 2)
+        t_write = time.perf_counter()
+
+        report_experts = {}
+        for name, s in per_expert.items():
+            errs, qerrs = s.pop("errors"), s.pop("quant_errors")
+            report_experts[name] = dict(s, ratio=round(s["factor_bytes"] / max(1, s["dense_delta_bytes"]), 4),
+                                        mean_rel_error=round(sum(errs) / max(1, len(errs)), 4),
+                                        max_rel_error=round(max(errs, default=0.0), 4),
+                                        max_quant_error=round(max(qerrs, default=0.0), 6))
+        report = {"build": {"experts": report_experts, "seconds": None, "phases": phases,
+                            "merge": recipe.merge.model_dump(), "rank_policy": policy.model_dump(),
+                            "compress": recipe.compress.model_dump(), "factor_dtype": factor_dtype,
+                            "dense_expert_bytes": dense_expert_bytes, "budget": budget,
+                            "untied_head": src.untie, "tensors": counts,
+                            "files": {"backbone": backbone_files, "exclusive": exclusive_files}}}
+        manifest = Manifest(
+            created_by=f"twinserve {__version__}",
+            architecture=(config.architectures or [type(config).__name__])[0],
+            config=config.to_dict(),
+            dtype=recipe.dtype,
+            base=recipe.base,
+            experts=[{"name": e.name, "description": e.description, "source": e.path} for e in recipe.experts],
+            merge=recipe.merge.model_dump(),
+            rank_policy=dict(policy.model_dump(), **recipe.compress.model_dump()),
+            tensors=tensors,
+            recipe=recipe.model_dump(mode="json"),
+            untied_head=src.untie,
+            zoo_fingerprint=zoo_fingerprint,
+        )
         tokenizer.save_pretrained(str(tmp / manifest.tokenizer))
         if (Path(recipe.base) / GENERATION_CONFIG).is_file():  # eos ids (int or list) for generation
             shutil.copyfile(Path(recipe.base) / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
+        phases["checksum_s"] = 0.0
+        report["build"]["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
         manifest = finalize_manifest(tmp, manifest)
+        phases["checksum_s"] = round(time.perf_counter() - t_write, 2)
+        report["build"]["seconds"] = round(time.perf_counter() - t0, 2)
     if not quiet:
         print_build_table(report)
     return manifest
 
 
-def _budget(recipe: Recipe, dense_expert_bytes: int, exclusive: dict, spectra: dict) -> dict:
+def _budget(recipe: Recipe, dense_expert_bytes: int, dense: int, n_dense_keys: int, spectra: dict) -> dict:
     """Bytes left for the 2-D factors once the dense 1-D deltas and the file header are paid."""
     total = int(recipe.compress.budget * dense_expert_bytes)
-    dense = sum(t.numel() * t.element_size() for t in exclusive.values())
     parts = ("B", "A", "B_scale", "A_scale") if (recipe.compress.factor_dtype or recipe.dtype) == "int8" else ("B", "A")
-    keys = list(exclusive) + [exclusive_key(p, n, part) for p, n in spectra for part in parts]
-    header = sum(len(k) + HEADER_BYTES_PER_TENSOR for k in keys)
+    keys = [exclusive_key(p, n, part) for p, n in spectra for part in parts]
+    header = sum(len(k) + HEADER_BYTES_PER_TENSOR for k in keys) + n_dense_keys * (HEADER_BYTES_PER_TENSOR + 64)
     left = total - dense - header
     if left < 0:
         raise RecipeError(f"compress.budget: {recipe.compress.budget} of {dense_expert_bytes:,} dense expert bytes "

@@ -65,6 +65,21 @@ class LazyState:
         with safe_open(str(self._where[name]), framework="pt") as h:
             return h.get_tensor(name)
 
+    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 (dim 0) of tensor ``name``, read from the mmap without the rest of the tensor."""
+        with safe_open(str(self._where[name]), framework="pt") as h:
+            sl = h.get_slice(name)
+            return sl[lo:hi] if len(sl.get_shape()) else h.get_tensor(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        from safetensors.torch import _getdtype
+        with safe_open(str(self._where[name]), framework="pt") as h:
+            return _getdtype(h.get_slice(name).get_dtype())
+
+    def unchanged(self, name: str) -> bool:
+        """Whether this checkpoint's ``name`` is known to equal the base's without reading it (a base: yes)."""
+        return False
+
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     """All parameter tensors of an HF model dir, keyed by their HF names (e.g. model.layers.0.mlp.up_proj.weight)."""
@@ -235,6 +250,23 @@ class PeftExpert:
         """The weight the adapter applies to: its own saved copy of the layer where it has one (PEFT loads
         that over the base), else the base's."""
         return self.base_layers[name] if name in self.base_layers else self.base.get(name)
+
+    def unchanged(self, name: str) -> bool:
+        """The adapter leaves ``name`` as the base has it (no LoRA pair, bias, token rows or replacement)."""
+        return (name not in self.replaced and name not in self.tokens and name not in self.base_layers
+                and self.delta(name) is None)
+
+    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 of θ_t[name]: a plain LoRA pair costs s·B[lo:hi] A on the base rows, not a dense ΔW."""
+        parts = self.pairs.get(name)
+        if self.unchanged(name):
+            return self.base.rows(name, lo, hi)
+        if (parts is None or name in self.replaced or name in self.tokens or name in self.base_layers
+                or "m" in parts or "A" not in parts or self.fan_in_fan_out):
+            return self.get(name)[lo:hi]
+        w0 = self.base.rows(name, lo, hi)
+        d = (parts["B"][lo:hi].float() @ parts["A"].float()) * self.scales[name]
+        return (w0.float() + d).to(w0.dtype)
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.replaced:

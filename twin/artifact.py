@@ -5,6 +5,9 @@
     backbone.safetensors   θ*
     exclusive.safetensors  "{param}::{expert}::A" / "::B" factors of 2-D deltas, "::delta" for 1-D deltas;
                            int8 factors carry "::A_scale" / "::B_scale" (one fp32 scale per rank component)
+                           Either file may be sharded as transformers shards checkpoints:
+                           backbone-00001-of-00003.safetensors, … plus backbone.safetensors.index.json
+                           ({"weight_map": {tensor: shard}}), written by ``ShardWriter`` as tensors are produced
     generation_config.json (optional) the base's, for eos ids
     router.safetensors     (optional) router weights
     tokenizer/             HF tokenizer files
@@ -25,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from .manifest import FORMAT, FORMAT_VERSION, Manifest, manifest_from_json
 
@@ -137,7 +140,7 @@ def verify_artifact(path: str | Path) -> Manifest:
     manifest = read_manifest(path)
     files = manifest.files
     for required in (BACKBONE, EXCLUSIVE):
-        if required not in files:
+        if required not in files and index_name(required) not in files:
             raise ArtifactError(f"{path / MANIFEST}: does not list {required}")
     for rel, meta in files.items():
         f = path / rel
@@ -153,11 +156,106 @@ def verify_artifact(path: str | Path) -> Manifest:
     return manifest
 
 
+def index_name(name: str) -> str:
+    return name + ".index.json"
+
+
+def tensor_files(path: Path, name: str) -> list[Path]:
+    """The file(s) holding ``name`` (e.g. backbone.safetensors): itself, or the shards its index lists."""
+    index = path / index_name(name)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ArtifactError(f"{index}: cannot read the shard index: {e}") from None
+        return [path / s for s in shards]
+    return [path / name]
+
+
+def has_tensors(path: Path, name: str) -> bool:
+    return (path / name).is_file() or (path / index_name(name)).is_file()
+
+
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path / name))
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path / name}: cannot read: {e}") from None
+    out: dict[str, torch.Tensor] = {}
+    for f in tensor_files(Path(path), name):
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"{f}: cannot read: {e}") from None
+    return out
+
+
+class LazyTensors:
+    """Tensors of a (sharded) safetensors file read one at a time through safetensors' mmap."""
+
+    def __init__(self, path: Path, name: str):
+        self.where: dict[str, Path] = {}
+        for f in tensor_files(Path(path), name):
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    self.where.update(dict.fromkeys(h.keys(), f))  # noqa: SIM118
+            except (SafetensorError, OSError) as e:
+                raise ArtifactError(f"{f}: cannot read: {e}") from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.where[key]), framework="pt") as h:
+            return h.get_tensor(key)
+
+
+class ShardWriter:
+    """Write tensors as they are produced into ``root/stem-0000i-of-0000N.safetensors`` shards of about
+    ``shard_bytes`` each (one file named ``stem.safetensors`` when everything fits one shard), plus the
+    index transformers reads. Memory held: the current shard's tensors, never the whole model."""
+
+    def __init__(self, root: Path, name: str, shard_bytes: int = 1 << 29):
+        self.root, self.name, self.shard_bytes = Path(root), name, shard_bytes
+        self.stem = name.removesuffix(".safetensors")
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        t = t.contiguous()
+        self._buf[key] = t
+        self._buf_bytes += t.numel() * t.element_size()
+        self.total_bytes += t.numel() * t.element_size()
+        if self._buf_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        part = self.root / f".{self.stem}-part{len(self._parts):05d}.safetensors"
+        save_file(self._buf, str(part))
+        self._parts.append((part, list(self._buf)))
+        self._buf, self._buf_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush, give the shards their final names, write the index; return the file names."""
+        if self._buf or not self._parts:
+            if not self._parts:   # one shard (or nothing at all): the plain single-file layout
+                save_file(self._buf, str(self.root / self.name))
+                self._buf = {}
+                return [self.name]
+            self._flush()
+        n = len(self._parts)
+        weight_map, names = {}, []
+        for i, (part, keys) in enumerate(self._parts, 1):
+            final = f"{self.stem}-{i:05d}-of-{n:05d}.safetensors"
+            os.rename(part, self.root / final)
+            weight_map.update(dict.fromkeys(keys, final))
+            names.append(final)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.root / index_name(self.name)).write_text(json.dumps(index, indent=1))
+        return [*names, index_name(self.name)]
 
 
 def exclusive_key(param: str, expert: str, part: str) -> str:

@@ -7,9 +7,11 @@ options it takes and mergekit's defaults for them.
 """
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -17,6 +19,8 @@ from .average import average_merge
 from .breadcrumbs import breadcrumbs_merge, breadcrumbs_ties_merge
 from .dare import dare_linear_merge, dare_ties_merge
 from .linear import linear_merge
+from .select import RankMask
+from .sparsify import magnitude_keep, outlier_ranks
 from .task_arithmetic import task_arithmetic_merge
 from .ties import ties_merge
 
@@ -27,6 +31,7 @@ class MergeMethod:
     options: tuple[str, ...]                       # keyword options fn takes besides task vectors + weights
     defaults: dict = field(default_factory=dict)   # mergekit's per-method defaults (normalize, rescale)
     uses_base: bool = False                        # fn needs θ_0 itself (linear without normalize)
+    sparsify: str | None = None                    # per-expert trim before the mix: magnitude, outliers, bernoulli
 
 
 _SPARSE = ("densities", "lam", "normalize", "rescale")
@@ -34,12 +39,16 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(linear_merge, ("normalize", "base_weight"), {"normalize": True}, uses_base=True),
     "average": MergeMethod(average_merge, ()),
     "task_arithmetic": MergeMethod(task_arithmetic_merge, ("lam", "normalize"), {"normalize": False}),
-    "ties": MergeMethod(ties_merge, (*_SPARSE, "consensus"), {"normalize": True, "rescale": False}),
-    "dare_linear": MergeMethod(dare_linear_merge, (*_SPARSE, "seed"), {"normalize": False, "rescale": True}),
-    "dare_ties": MergeMethod(dare_ties_merge, (*_SPARSE, "consensus", "seed"), {"normalize": False, "rescale": True}),
-    "breadcrumbs": MergeMethod(breadcrumbs_merge, (*_SPARSE, "gamma"), {"normalize": False, "rescale": False}),
+    "ties": MergeMethod(ties_merge, (*_SPARSE, "consensus"), {"normalize": True, "rescale": False},
+                        sparsify="magnitude"),
+    "dare_linear": MergeMethod(dare_linear_merge, (*_SPARSE, "seed"), {"normalize": False, "rescale": True},
+                               sparsify="bernoulli"),
+    "dare_ties": MergeMethod(dare_ties_merge, (*_SPARSE, "consensus", "seed"), {"normalize": False, "rescale": True},
+                             sparsify="bernoulli"),
+    "breadcrumbs": MergeMethod(breadcrumbs_merge, (*_SPARSE, "gamma"), {"normalize": False, "rescale": False},
+                               sparsify="outliers"),
     "breadcrumbs_ties": MergeMethod(breadcrumbs_ties_merge, (*_SPARSE, "gamma", "consensus"),
-                                    {"normalize": False, "rescale": False}),
+                                    {"normalize": False, "rescale": False}, sparsify="outliers"),
 }
 
 
@@ -63,24 +72,129 @@ def merge_params(method: str, lam: float = 1.0, density: float = 0.2, normalize:
     return out
 
 
-def merge_tensor(name: str, w0: torch.Tensor, expert_tensors: list[torch.Tensor], method: str,
-                 weights: Sequence[float] | None = None, **params) -> torch.Tensor:
-    """θ*[name] = θ_0 + merge(θ_t − θ_0), computed in fp32, returned in fp32.
+class TensorRows(Protocol):
+    """A tensor read a block of rows at a time (a checkpoint tensor behind safetensors' mmap)."""
+    shape: tuple[int, ...]
 
+    def rows(self, lo: int, hi: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class InMemory:
+    t: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.t.shape)
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self.t[lo:hi] if self.t.ndim else self.t
+
+
+# Entries of the stacked (T, rows, cols) fp32 task vectors per chunk: 2^25 is 128 MiB, so a merge's working
+# memory stays a few hundred MiB whatever the tensor (a 152k-row embedding is merged in ~60 row blocks).
+MAX_CHUNK_ELEMENTS = 1 << 25
+
+
+def _full(src: TensorRows) -> torch.Tensor:
+    return src.rows(0, src.shape[0] if len(src.shape) else 1)
+
+
+def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Sequence[torch.Tensor | TensorRows],
+                 method: str, weights: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float32,
+                 chunk_elements: int = MAX_CHUNK_ELEMENTS, **params) -> torch.Tensor:
+    """θ*[name] = θ_0 + merge(θ_t − θ_0), computed in fp32, returned as ``out_dtype``.
+
+    ``w0`` and ``expert_tensors`` are tensors or row readers (``TensorRows``). Bounded memory: per expert,
+    a trimming method first reads τ_t once to find its magnitude-rank boundaries (radix select, no sort)
+    or its DARE drop mask; then the tensor is merged in row blocks of at most ``chunk_elements`` stacked
+    entries, each block through the method's own function with the trim already applied.
     ``weights``: per-expert w_t (default 1). ``params``: from ``merge_params``; a scalar ``densities``
     applies to every expert. Raises KeyError for an unknown method.
     """
     spec = MERGE_METHODS[method]
-    base32 = w0.float()
-    tv = torch.stack([e.float() - base32 for e in expert_tensors])  # (T, *shape)
-    w = torch.ones(len(expert_tensors)) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    base = w0 if not isinstance(w0, torch.Tensor) else InMemory(w0)
+    experts = [e if not isinstance(e, torch.Tensor) else InMemory(e) for e in expert_tensors]
+    T = len(experts)
+    w = torch.ones(T) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
     if "densities" in params and not isinstance(params["densities"], (list, tuple)):
-        params = dict(params, densities=[float(params["densities"])] * len(expert_tensors))
+        params = dict(params, densities=[float(params["densities"])] * T)
     if "seed" in params:  # a distinct, reproducible drop mask per tensor
         params = dict(params, seed=(params["seed"] * 1_000_003 + zlib.crc32(name.encode())) % (2**31))
-    if spec.uses_base:
-        params = dict(params, base=base32)
-    return base32 + spec.fn(tv, w, **params)
+    trims = _trims(spec, base, experts, params)
+    if "densities" in params:   # the trims are applied here; the method function only mixes
+        params = dict(params, densities=[1.0] * T)
+    if "rescale" in params:
+        params = dict(params, rescale=False)
+    shape = tuple(base.shape)
+    rows_total = shape[0] if shape else 1
+    row_elems = max(1, math.prod(shape[1:]))
+    step = max(1, chunk_elements // max(1, T * row_elems))
+    out = torch.empty(shape, dtype=out_dtype)
+    masks = [t.start() if t is not None else None for t in trims]
+    for lo in range(0, rows_total, step):
+        hi = min(rows_total, lo + step)
+        b = base.rows(lo, hi).float()
+        tv = torch.stack([e.rows(lo, hi).float() - b for e in experts])    # (T, rows, *cols)
+        for t, trim in enumerate(trims):
+            if trim is not None:
+                tv[t] = trim.apply(masks[t], tv[t], lo, hi)
+        merged = spec.fn(tv, w, **(dict(params, base=b) if spec.uses_base else params))
+        if shape:
+            out[lo:hi] = b + merged
+        else:
+            out.copy_(b + merged)
+    return out
+
+
+@dataclass
+class _Trim:
+    """One expert's sparsification, found over the whole τ_t and applied block by block."""
+    ranks: tuple[int, int] | None = None     # keep ascending magnitude ranks [lo, hi)
+    bounds: tuple | None = None
+    keep: torch.Tensor | None = None         # DARE: the drop mask (bool, the tensor's shape)
+    scale: torch.Tensor | None = None        # rescale: ||τ||_1 / ||τ̂||_1
+
+    def start(self) -> RankMask | None:
+        return RankMask.from_bounds(*self.bounds) if self.bounds is not None else None
+
+    def apply(self, mask: RankMask | None, tau: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        kept = tau * (mask.next(tau.abs()) if mask is not None else self.keep[lo:hi])
+        return kept * self.scale if self.scale is not None else kept
+
+
+def _trims(spec: MergeMethod, base: TensorRows, experts: list[TensorRows], params: dict) -> list[_Trim | None]:
+    """Per expert: None (keep τ_t whole) or its trim. Reads each trimmed τ_t once, whole."""
+    kind = spec.sparsify
+    densities = params.get("densities")
+    if kind is None or densities is None or all(d >= 1 for d in densities):
+        return [None] * len(experts)
+    rescale = bool(params.get("rescale"))
+    gen = torch.Generator().manual_seed(params["seed"]) if kind == "bernoulli" else None
+    base32 = _full(base).float()
+    out: list[_Trim | None] = []
+    for e, d in zip(experts, densities):
+        if d >= 1:
+            out.append(None)
+            continue
+        tau = _full(e).float() - base32
+        n = tau.numel()
+        if kind == "bernoulli":
+            trim = _Trim(keep=torch.rand(tau.shape, generator=gen) < d)
+        else:
+            lo, hi = (n - magnitude_keep(d, n), n) if kind == "magnitude" else \
+                outlier_ranks(d, params.get("gamma", 0.01), n)
+            mag = tau.abs()
+            trim = _Trim(ranks=(lo, hi), bounds=RankMask(mag, lo, hi).bounds())
+        if d <= 0 and kind == "magnitude":
+            trim = _Trim(keep=torch.zeros(tau.shape, dtype=torch.bool))
+        if rescale:
+            kept = trim.apply(trim.start(), tau, 0, tau.shape[0] if tau.ndim else 1)
+            before, after = tau.abs().sum(), kept.abs().sum()
+            if before >= 1e-7 and after >= 1e-7:     # mergekit's RescaleNorm.l1 (sparsify.l1_rescale)
+                trim.scale = before / after
+        out.append(trim)
+    return out
 
 
 def merge_state(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], method: str,

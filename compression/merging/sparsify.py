@@ -6,6 +6,21 @@ from __future__ import annotations
 
 import torch
 
+from .select import rank_range_mask
+
+
+def magnitude_keep(density: float, n: int) -> int:
+    """Entries TIES keeps of n (mergekit: max(1, int(density·n)))."""
+    return max(1, int(density * n))
+
+
+def outlier_ranks(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """Breadcrumbs' kept ascending magnitude ranks [lo, hi): int(density·n) entries after dropping the
+    int(gamma·n) largest (fewer when both cannot be met)."""
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    return n_bot, n_bot + target
+
 
 def l1_rescale(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale the masked τ so its L1 norm equals τ's (mergekit's ``rescale: true``, ``RescaleNorm.l1``).
@@ -20,17 +35,15 @@ def l1_rescale(tau: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torc
 
 
 def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """TIES trim: keep the k = max(1, int(density·n)) entries of largest |τ| (exactly k, ties broken by
-    ``argsort`` order), zero the rest. density ≥ 1 returns τ unchanged; density ≤ 0 returns zeros."""
+    """TIES trim: keep the k = max(1, int(density·n)) entries of largest |τ| (exactly k; at a tied boundary
+    the later indices, see ``select``), zero the rest. density ≥ 1 returns τ unchanged; density ≤ 0 returns
+    zeros."""
     if density >= 1:
         return tau
     n = tau.numel()
     if density <= 0 or n == 0:
         return torch.zeros_like(tau)
-    k = max(1, int(density * n))
-    mask = torch.zeros(n, dtype=tau.dtype)
-    mask[torch.argsort(tau.abs().reshape(-1).float(), descending=True)[:k]] = 1
-    kept = tau * mask.reshape(tau.shape)
+    kept = tau * rank_range_mask(tau.abs().float(), n - magnitude_keep(density, n), n)
     return l1_rescale(tau, kept) if rescale else kept
 
 
@@ -50,12 +63,6 @@ def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float = 0.01, r
     keeping int(density·n) entries (fewer outliers are dropped when both cannot be met)."""
     if density >= 1:
         return tau
-    n = tau.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices
-    mask = torch.zeros(n, dtype=tau.dtype)
-    mask[order[n_bot:n_bot + target]] = 1
-    kept = tau * mask.reshape(tau.shape)
+    lo, hi = outlier_ranks(density, gamma, tau.numel())
+    kept = tau * rank_range_mask(tau.abs().float(), lo, hi)
     return l1_rescale(tau, kept) if rescale else kept

@@ -121,12 +121,27 @@ def test_auto_uses_exact_below_threshold_and_randomized_above(monkeypatch):
     calls = []
     real = torch.svd_lowrank
     monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **k: calls.append(1) or real(*a, **k))
-    d = rank3(30, 20)
+    d = rank3(80, 60)
     truncated_svd(d, rank=3)
     assert not calls
     monkeypatch.setattr(lowrank, "EXACT_SVD_MAX_ELEMENTS", 100)
     lr = truncated_svd(d, rank=3)
-    assert calls and lr.rel_error < 1e-4
+    assert calls and lr.rel_error < 1e-4 and lr.method == "randomized"
+    calls.clear()
+    # a rank near full (r + 8 ≥ min(d)/2) gains nothing from the range finder: exact
+    assert truncated_svd(d, rank=25).method == "exact" and not calls
+
+
+def test_randomized_error_is_measured_against_the_delta():
+    """rel_error is ||δ − B A|| / ||δ|| of the factors returned, whichever path made them."""
+    torch.manual_seed(3)
+    d = torch.randn(300, 200)
+    for method in ("exact", "randomized"):
+        lr = truncated_svd(d, rank=10, method=method)
+        direct = float(torch.linalg.matrix_norm(d - lr.B @ lr.A) / torch.linalg.matrix_norm(d))
+        assert lr.rel_error == pytest.approx(direct, rel=1e-5)
+    # on a random (flat) spectrum the randomized factors stay within a few % of the optimal error
+    assert truncated_svd(d, rank=10, method="randomized").rel_error < 1.03 * truncated_svd(d, rank=10).rel_error
 
 
 def test_input_dtype_is_factored_in_fp32():
