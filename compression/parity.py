@@ -2,7 +2,8 @@
 
 After ``twinserve build`` writes an artifact, each expert t is run three ways on fixed prompts, fp32:
 
-  served        the artifact through twinserve's model, pinned (w = one-hot t), lowrank path
+  served        the artifact through twinserve's model and the engine's step (a prefill step of chunks,
+                then a decode step), pinned (w = one-hot t), lowrank path
   materialised  transformers' own model class loaded with θ* + δ̂_t (the stored, possibly quantised factors)
   reference     transformers' own model class loaded with θ_t (a PEFT adapter merged as merge_and_unload does)
 
@@ -12,7 +13,11 @@ the same relative fp32 rounding as a random one; the Twin layers, slot-cache att
 transformers); materialised − reference is **compression error**
 (SVD truncation and factor quantisation; expected at low rank, reported, not gated). The backbone θ* is
 checked the same way (served with w = None vs transformers with θ*). An implementation error above
-``tol`` raises ParityError naming the expert and the first layer whose hidden state differs.
+``tol`` raises ParityError naming the expert and the first decoder block whose output differs.
+
+All three run streamed (``WeightStream``): each holds one decoder block's fp32 weights (plus the embedding
+or head while those run), read from the artifact or the checkpoints as the forward reaches it, so the gate
+needs about a block and a vocabulary matrix of memory at any model size — never two models.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from torch import nn
 from rich.table import Table
 
 # Fixed prompts: plain text any tokenizer encodes; the char-level demo zoo included.
@@ -47,18 +53,263 @@ class ExpertParity:
         return {k: (round(v, 8) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "expert"}
 
 
-def reference_model(config, state: dict[str, torch.Tensor]):
-    """transformers' own causal-LM class for ``config`` with ``state`` loaded (fp32, eager attention)."""
-    from transformers import AutoModelForCausalLM
+# ---- streamed weights: one decoder block resident at a time -----------------------------------------
+class WeightStream:
+    """Run a model whose tensors live on disk: before a unit (the embedding, one decoder block, the head) runs,
+    its tensors are read in fp32 by ``load(name)``; after it they are dropped. Everything else (final norm,
+    rotary buffers) is loaded once. So a forward holds one block, never the model, and every weight is read
+    exactly as the served step reads it.
 
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    missing, _unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    bad = [m for m in missing if m != "lm_head.weight" or not model.config.tie_word_embeddings]
-    if bad:
-        raise ParityError(f"reference model: checkpoint has no tensor {bad[0]}")
-    return model.eval()
+    ``names``: id(parameter) -> checkpoint name. ``extra``: per unit, callables that load (True) or drop
+    (False) tensors that are not parameters (the Twin layers' factors).
+    """
+
+    def __init__(self, root: nn.Module, units: list[nn.Module], names: dict[int, str], load, extra=None):
+        self.load = load
+        self.extra = extra or {}
+        self._handles = []
+        self._streamed: dict[int, nn.Parameter] = {}
+        for u in units:
+            ps = list({id(p): p for _, p in u.named_parameters(remove_duplicate=False) if id(p) in names}.values())
+            self._streamed.update((id(p), p) for p in ps)
+            self._handles.append(u.register_forward_pre_hook(self._pre(u, ps)))
+            self._handles.append(u.register_forward_hook(self._post(u, ps)))
+        self.names = names
+        self.resident = list({id(p): p for _, p in root.named_parameters(remove_duplicate=False)
+                              if id(p) in names and id(p) not in self._streamed}.values())
+        for p in self._streamed.values():
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    def reload(self) -> None:
+        """(Re)load the always-resident tensors with the current ``load``."""
+        for p in self.resident:
+            p.data = self.load(self.names[id(p)])
+
+    def _pre(self, unit, ps):
+        def hook(_m, _args):
+            for p in ps:
+                p.data = self.load(self.names[id(p)])
+            for f in self.extra.get(id(unit), ()):
+                f(True)
+        return hook
+
+    def _post(self, unit, ps):
+        def hook(_m, _args, _out):
+            for p in ps:
+                p.data = torch.empty(0, dtype=p.dtype)
+            for f in self.extra.get(id(unit), ()):
+                f(False)
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList | None:
+    """The ModuleList of ``num_layers`` decoder blocks inside a transformers model (None: not found)."""
+    return next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers), None)
+
+
+def units_of(hf: nn.Module, num_layers: int) -> list[nn.Module]:
+    """Embedding, decoder blocks, head: the modules a streamed forward loads one at a time. A model whose
+    blocks cannot be found streams only its embedding and head."""
+    blocks = decoder_blocks(hf, num_layers)
+    units = [hf.get_input_embeddings()]
+    if blocks is not None:
+        units.extend(blocks)
+    head = hf.get_output_embeddings()
+    if head is not None and head is not units[0]:
+        units.append(head)
+    return units
+
+
+def _empty_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    # torch.empty of a large size is an untouched mapping: no resident memory until a unit loads it
+    return {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items()}
+
+
+def reference_skeleton(config) -> nn.Module:
+    """transformers' own causal-LM class for ``config`` (fp32, eager attention), weights not yet loaded."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+class StreamedReference:
+    """transformers' forward of any θ given tensor by tensor (θ*, θ* + δ̂_t or θ_t), one block resident."""
+
+    def __init__(self, config, shapes: dict[str, tuple[int, ...]]):
+        self.model = reference_skeleton(config)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = [n for n in params if n not in shapes and not (n.endswith("lm_head.weight")
+                                                                  and self.model.config.tie_word_embeddings)]
+        if missing:
+            raise ParityError(f"reference model: checkpoint has no tensor {missing[0]}")
+        names = {id(p): n for n, p in params.items() if n in shapes}
+        head = self.model.get_output_embeddings()
+        emb = self.model.get_input_embeddings()
+        if head is not None and head.weight is emb.weight:   # tied: the head reads the embedding's tensor
+            names[id(head.weight)] = next(n for n, p in params.items() if p is emb.weight and n in shapes)
+        self._load = None
+        self.stream = WeightStream(self.model, units_of(self.model, config.num_hidden_layers), names,
+                                   lambda n: self._load(n))
+        self.blocks = decoder_blocks(self.model, config.num_hidden_layers)
+
+    @torch.inference_mode()
+    def logits(self, load, seqs: list[list[int]], capture: list | None = None) -> list[torch.Tensor]:
+        """One right-padded batch (causal attention: padding never reaches a real position); logits per prompt."""
+        self._load = load
+        self.stream.reload()
+        n = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [0] * (n - len(s)) for s in seqs])
+        handles = _capture_blocks(self.blocks, capture)
+        try:
+            out = self.model(ids).logits.float()
+        finally:
+            for h in handles:
+                h.remove()
+        return [out[i, :len(s)] for i, s in enumerate(seqs)]
+
+
+def _capture_blocks(blocks, capture: list | None):
+    if capture is None or blocks is None:
+        return []
+
+    def hook(_m, _a, out):
+        capture.append((out[0] if isinstance(out, tuple) else out).detach().float().clone())
+    return [b.register_forward_hook(hook) for b in blocks]
+
+
+class StreamedServed:
+    """The artifact served by twinserve's own model and step — the path the engine runs — with θ* and each
+    Twin layer's factors read per unit from the artifact's files."""
+
+    def __init__(self, path: Path, manifest, config):
+        from twin.artifact import BACKBONE, EXCLUSIVE, LazyTensors, stored_factors
+        from twin.fusion import LowRankDeltas
+        from twin.model import TwinModel
+
+        self.backbone = LazyTensors(path, BACKBONE)
+        exclusive = LazyTensors(path, EXCLUSIVE)
+        names = manifest.expert_names
+        shapes = {}
+        for k in self.backbone.keys():
+            shapes[k] = tuple(self._shape(self.backbone, k))
+        model = TwinModel(config, _empty_state(shapes))
+        lowrank, dense = {}, {}
+        for param, info in manifest.tensors.items():
+            if info.kind == "lowrank":
+                ranks = [info.ranks.get(n, 0) for n in names]
+                d_out, d_in = info.shape
+                idx = torch.cat([torch.full((r,), t, dtype=torch.long) for t, r in enumerate(ranks)])
+                offsets = tuple(int(x) for x in torch.cumsum(torch.tensor([0, *ranks]), 0))
+                lowrank[param] = LowRankDeltas(torch.empty(sum(ranks), d_in), torch.empty(d_out, sum(ranks)), idx,
+                                               len(names), offsets)
+            else:
+                dense[param] = torch.stack([exclusive.get(f"{param}::{n}::delta").float() for n in names])
+        model.attach_deltas(names, lowrank, dense)
+        self.model = model
+        hf = model.hf
+        param_names = {id(p): n for n, p in model._state.items()}
+        emb = hf.get_input_embeddings()
+        emb_w = emb.weight if not hasattr(emb, "base_layer") else emb.base_layer.weight
+        emb_name = next((n for n, p in model._state.items() if p is emb_w), None)
+        if emb_name is not None:
+            param_names.setdefault(id(emb_w), emb_name)
+        # Twin layers' factors: loaded with the unit that holds the layer (a tied head shares the embedding's)
+        by_obj = {id(d): p for p, d in lowrank.items()}
+        paths = {id(m): n.replace(".base_layer", "") for n, m in hf.named_modules()}
+        extra: dict[int, list] = {}
+        units = units_of(hf, config.num_hidden_layers)
+        in_units = {id(m): u for u in units for m in u.modules()}
+        resident = object()     # Twin layers outside every unit (GPT-2's position embedding): loaded once
+        for m in hf.modules():
+            u = in_units.get(id(m))
+            d = getattr(m, "deltas", None)
+            if isinstance(d, LowRankDeltas):
+                # a tied head shares the embedding's object; a Conv1D layer holds a transposed copy of its own
+                param = by_obj.get(id(d), paths.get(id(m), "") + ".weight")
+                if param not in lowrank:
+                    raise ParityError(f"parity gate: cannot stream the factors of {paths.get(id(m))}")
+                conv = id(d) not in by_obj
+                extra.setdefault(id(u) if u is not None else resident, []).append(
+                    self._factor_loader(d, param, names, exclusive, stored_factors, conv))
+        for m in hf.modules():
+            if isinstance(getattr(m, "deltas", None), LowRankDeltas):
+                m.deltas.A_cat, m.deltas.B_cat = torch.empty(0), torch.empty(0)
+        for f in extra.pop(resident, ()):
+            f(True)
+        self.stream = WeightStream(hf, units, param_names, lambda n: self.backbone.get(n).float(), extra)
+        self.stream.reload()
+        self.blocks = decoder_blocks(hf, config.num_hidden_layers)
+
+    @staticmethod
+    def _shape(lt, key):
+        from safetensors import safe_open
+        with safe_open(str(lt.where[key]), framework="pt") as h:
+            return h.get_slice(key).get_shape()
+
+    @staticmethod
+    def _factor_loader(d, param, names, exclusive, stored_factors, conv: bool):
+        def load(on: bool) -> None:
+            if not on:
+                d.A_cat, d.B_cat = torch.empty(0), torch.empty(0)
+                return
+            parts = {}
+            for n in names:
+                for part in ("A", "B", "A_scale", "B_scale"):
+                    key = f"{param}::{n}::{part}"
+                    if key in exclusive:
+                        parts[key] = exclusive.get(key)
+            fs = [stored_factors(parts, param, n) for n in names]
+            A = torch.cat([a for _, a in fs], 0)
+            B = torch.cat([b for b, _ in fs], 1)
+            if conv:
+                A, B = B.T, A.T
+            d.A_cat, d.B_cat = A.contiguous().float(), B.contiguous().float()
+        return load
+
+    @torch.inference_mode()
+    def logits(self, seqs: list[list[int]], w: torch.Tensor | None, capture: list | None = None) -> list[torch.Tensor]:
+        """The engine's unified step, twice: a prefill step of every prompt but its last token (chunks), then a
+        decode step of the last tokens; logits at every position of every prompt."""
+        from twin.model import FlatBatch
+
+        model = self.model
+        cache = model.new_cache(len(seqs), max(len(s) for s in seqs))
+        chunks = [(s[:-1], i, 0) for i, s in enumerate(seqs)]
+        decode = [(s[-1], len(s) - 1, i) for i, s in enumerate(seqs)]
+        out_pre, out_dec = [], []
+        cap_pre, cap_dec = ([], []) if capture is not None else (None, None)
+        for flat_args, out, cap in (((([], chunks),), out_pre, cap_pre), ((((decode, []),)), out_dec, cap_dec)):
+            flat = FlatBatch.build(*flat_args[0])
+            m = flat.num_tokens
+            ww = None if w is None else w[None].expand(m, -1).contiguous()
+            handles = _capture_blocks(self.blocks, cap)
+            try:
+                out.append(model.step(flat, cache, ww, torch.arange(m)).float())
+            finally:
+                for h in handles:
+                    h.remove()
+        pre, dec = out_pre[0], out_dec[0]
+        res, at = [], 0
+        for i, s in enumerate(seqs):
+            res.append(torch.cat([pre[at:at + len(s) - 1], dec[i:i + 1]]))
+            at += len(s) - 1
+        if capture is not None:   # per block: (prompt-major tokens, H), in the reference's order
+            for bp, bd in zip(cap_pre, cap_dec):
+                bp, bd = bp[:, 0], bd[:, 0]
+                rows, at = [], 0
+                for i, s in enumerate(seqs):
+                    rows.append(torch.cat([bp[at:at + len(s) - 1], bd[i:i + 1]]))
+                    at += len(s) - 1
+                capture.append(rows)
+        return res
 
 
 def prompt_ids(tokenizer, vocab_size: int, max_len: int) -> list[list[int]]:
@@ -72,90 +323,99 @@ def prompt_ids(tokenizer, vocab_size: int, max_len: int) -> list[list[int]]:
     return out
 
 
-@torch.inference_mode()
-def _served(model, seqs, w: torch.Tensor | None) -> list[torch.Tensor]:
-    out = []
-    for ids in seqs:   # one prompt at a time: the gate checks the model, the engine tests check batching
-        n = len(ids)
-        cache = model.new_cache(1, n)
-        logits = model(torch.tensor([ids]), torch.arange(n)[None], cache, torch.zeros(1, dtype=torch.long),
-                       None if w is None else w[None])
-        out.append(logits[0].float())
-    return out
-
-
-@torch.inference_mode()
-def _reference(hf, seqs) -> list[torch.Tensor]:
-    return [hf(torch.tensor([ids])).logits[0].float() for ids in seqs]
-
-
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-@torch.inference_mode()
-def first_differing_layer(model, hf, ids: list[int], w: torch.Tensor | None, tol: float) -> str:
-    """The first decoder block (HF module name) whose output hidden state differs by more than ``tol``."""
-    n = len(ids)
-    ref = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states   # (embeddings, block 1, …)
-    layers = model.args.num_layers
-    for i in range(1, layers + 1):
-        got = model(torch.tensor([ids]), torch.arange(n)[None], model.new_cache(1, n, layers=i),
-                    torch.zeros(1, dtype=torch.long), None if w is None else w[None], num_layers=i)
-        if i == layers:  # transformers' last hidden state has the final norm applied
-            break
-        if float((got[0].float() - ref[i][0].float()).abs().max()) > tol:
-            return f"decoder block {i - 1} (its output differs from transformers' by more than {tol:g})"
+def first_differing_block(served_blocks: list, ref_blocks: list, seqs, tol: float) -> str:
+    """The first decoder block whose output differs by more than ``tol`` (from hooks on both forwards)."""
+    for i, (got, ref) in enumerate(zip(served_blocks, ref_blocks)):
+        err = max(float((g - ref[j, :len(s)]).abs().max()) for j, (g, s) in enumerate(zip(got, seqs)))
+        if err > tol:
+            return f"decoder block {i} (its output differs from transformers' by {err:.3g} > {tol:g})"
     return "the final norm / lm_head (every decoder block matches)"
 
 
 def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_len: int = 48,
-                 console: Console | None = None) -> dict:
+                 console: Console | None = None, progress=None) -> dict:
     """Run the gate on the artifact at ``path``; return {"backbone": {...}, "experts": {name: {...}}}.
 
-    ``expert_reader(manifest, t)`` gives θ_t's full state (compression.experts.read_expert_state).
+    ``expert_reader(manifest, t)`` gives a function name -> θ_t[name] (compression.experts.expert_tensors).
+    Streamed: the served model, transformers' θ* + δ̂_t and transformers' θ_t each hold one decoder block at a
+    time, so the gate's memory is a block plus the embedding/head, at any model size.
     Raises ParityError (exit 2) when an implementation error exceeds ``tol``.
     """
-    from twin.loading import load_artifact
+    from transformers import AutoTokenizer
 
-    art = load_artifact(path, device="cpu", dtype="float32", verify=False)
-    model, config = art.model, art.config
-    seqs = prompt_ids(art.tokenizer, config.vocab_size, max_len)
-    backbone = model.backbone_state()
-    hf_bb = reference_model(config, backbone)
-    ref_bb = _reference(hf_bb, seqs)
-    scale = max(1.0, max(float(r.abs().max()) for r in ref_bb))   # logit scale: the gate is relative to it
-    bb_err = _max_diff(_served(model, seqs, None), ref_bb)
+    from twin.artifact import EXCLUSIVE, LazyTensors, read_manifest, stored_factors
+    from twin.loading import config_from_manifest
 
-    def gate(err: float, what: str, hf, w: torch.Tensor | None) -> None:
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = config_from_manifest(manifest)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / manifest.tokenizer), local_files_only=True)
+    seqs = prompt_ids(tokenizer, config.vocab_size, max_len)
+    step = progress or (lambda what: None)
+    served = StreamedServed(path, manifest, config)
+    backbone = served.backbone
+    shapes = {k: tuple(StreamedServed._shape(backbone, k)) for k in backbone.keys()}
+    ref = StreamedReference(config, shapes)
+    exclusive = LazyTensors(path, EXCLUSIVE)
+    names = manifest.expert_names
+
+    def theta_star(n: str) -> torch.Tensor:
+        return backbone.get(n).float()
+
+    def gate(err: float, what: str, w: torch.Tensor | None, load) -> None:
         if err > tol * scale:
-            where = first_differing_layer(model, hf, seqs[0], w, tol * scale)
+            got, want = [], []
+            served.logits(seqs, w, capture=got)
+            ref.logits(load, seqs, capture=want)
+            where = first_differing_block(got, want, seqs, tol * scale)
             raise ParityError(f"parity gate: {what} served by twinserve differs from transformers with the same "
                               f"weights by {err:.3g} > {tol * scale:.3g} (max |Δlogit|; {tol:g} × logit scale "
                               f"{scale:.3g}); first difference at {where}")
 
-    gate(bb_err, "the backbone θ*", hf_bb, None)
-    del hf_bb
-    manifest = art.manifest
-    names = art.expert_names
+    step("backbone θ*")
+    ref_bb = ref.logits(theta_star, seqs)
+    scale = max(1.0, max(float(r.abs().max()) for r in ref_bb))   # logit scale: the gate is relative to it
+    bb_err = _max_diff(served.logits(seqs, None), ref_bb)
+    gate(bb_err, "the backbone θ*", None, theta_star)
     results: list[ExpertParity] = []
     for t, name in enumerate(names):
+        step(f"expert {name} ({t + 1}/{len(names)})")
         w = torch.zeros(len(names))
         w[t] = 1.0
-        served = _served(model, seqs, w)
-        hf_mat = reference_model(config, model.fused(w).backbone_state())
-        mat = _reference(hf_mat, seqs)
-        impl = _max_diff(served, mat)
-        gate(impl, f"expert {name!r} (θ* + δ̂_t)", hf_mat, w)
-        del hf_mat
-        ref = _reference(reference_model(config, expert_reader(manifest, t)), seqs)
-        agree = torch.cat([(s.argmax(-1) == r.argmax(-1)).float() for s, r in zip(served, ref)]).mean()
+
+        def materialised(n: str, name=name) -> torch.Tensor:
+            """θ* + δ̂_t for one tensor: the stored (dequantised) factors or dense delta, materialised."""
+            x = theta_star(n)
+            info = manifest.tensors.get(n)
+            if info is None:
+                return x
+            if info.kind == "dense":
+                return x + exclusive.get(f"{n}::{name}::delta").float()
+            if not info.ranks.get(name):
+                return x
+            parts = {k: exclusive.get(k) for k in (f"{n}::{name}::{p}" for p in ("A", "B", "A_scale", "B_scale"))
+                     if k in exclusive}
+            B, A = stored_factors(parts, n, name)
+            return x + (B @ A).view(x.shape)
+
+        got = served.logits(seqs, w)
+        mat = ref.logits(materialised, seqs)
+        impl = _max_diff(got, mat)
+        gate(impl, f"expert {name!r} (θ* + δ̂_t)", w, materialised)
+        theta_t = expert_reader(manifest, t)
+        want = ref.logits(lambda n: theta_t(n).float(), seqs)
+        agree = torch.cat([(s.argmax(-1) == r.argmax(-1)).float() for s, r in zip(got, want)]).mean()
         ranks = [e.ranks.get(name, 0) for e in manifest.tensors.values() if e.kind == "lowrank"]
-        results.append(ExpertParity(name, _max_diff(served, ref), float(agree), impl, _max_diff(mat, ref),
+        results.append(ExpertParity(name, _max_diff(got, want), float(agree), impl, _max_diff(mat, want),
                                     max(ranks, default=0)))
     if console is not None:
         print_parity(results, bb_err, tol, scale, console)
     return {"tolerance": tol, "logit_scale": round(scale, 4), "prompts": len(seqs),
+            "served_path": "engine step: prefill chunks, then one decode step",
             "backbone_max_abs_logit_diff": round(bb_err, 8),
             "experts": {r.expert: r.to_json() for r in results}}
 
