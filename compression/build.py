@@ -179,7 +179,7 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     def deltas(pname: str, theta_star: torch.Tensor):
         """(expert, δ_t = θ_t − θ* as stored (so rounding is corrected), fp32), one expert at a time."""
         for name, e in zip(names, experts):
-            yield name, src.rows(e, pname).full().float() - theta_star.float()
+            yield name, src.rows(e, pname).full().to(torch.float32, copy=True).sub_(theta_star)
 
     in_bytes = sum(math.prod(base.shape(src.name_in(base, k))) for k in src.keys) * (len(names) + 1) * esize
     with atomic_dir(out) as tmp:

@@ -400,7 +400,10 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
             parts = {k: exclusive.get(k) for k in (f"{n}::{name}::{p}" for p in ("A", "B", "A_scale", "B_scale"))
                      if k in exclusive}
             B, A = stored_factors(parts, n, name)
-            return x + (B @ A).view(x.shape)
+            x2 = x.view(B.shape[0], A.shape[1])
+            for lo in range(0, x2.shape[0], 8192):          # row blocks: no (d_out × d_in) temporary
+                x2[lo:lo + 8192].addmm_(B[lo:lo + 8192], A)
+            return x
 
         got = served.logits(seqs, w)
         mat = ref.logits(materialised, seqs)
@@ -433,14 +436,23 @@ def print_parity(results: list[ExpertParity], backbone_err: float, tol: float, s
     console.print(table)
 
 
-def record_parity(path: str | Path, report: dict | None, skipped: bool = False) -> None:
-    """Write the gate's result into report.json (``parity``) and the manifest (``parity``, ``skip_parity``)."""
+def record_parity(path: str | Path, report: dict | None, skipped: bool = False, extra: dict | None = None) -> None:
+    """Write the gate's result into report.json (``parity``) and the manifest (``parity``, ``skip_parity``).
+    ``extra``: phase times and the preflight estimate, added to report.json's ``build``."""
     import json
 
     from twin.artifact import REPORT, read_report, update_artifact
 
     full = read_report(path)
     full["parity"] = report if not skipped else {"skipped": True}
+    if extra:
+        build = full.setdefault("build", {})
+        phases = build.setdefault("phases", {})
+        for k in ("gate_s", "total_s"):
+            if k in extra:
+                phases[k] = extra[k]
+        if extra.get("estimate") is not None:
+            build["estimate"] = extra["estimate"]
     experts = {} if skipped else {k: {kk: v[kk] for kk in ("max_abs_logit_diff", "argmax_agreement", "rank")}
                                   | {"implementation_error": v["implementation_error"],
                                      "compression_error": v["compression_error"]}

@@ -21,6 +21,7 @@ from .errors import APIError, InternalError
 from .settings import Settings
 
 log = logging.getLogger("twinserve")
+startup_log = logging.getLogger("uvicorn.error")   # printed with uvicorn's own startup lines
 
 
 def load_state(app: FastAPI, settings: Settings) -> None:
@@ -35,7 +36,11 @@ def load_state(app: FastAPI, settings: Settings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     from compression.experts import read_expert_state
+    from twin.artifact import read_manifest
 
+    from .serve_cli import memory_plan
+    t0 = time.perf_counter()
+    plan = memory_plan(settings, read_manifest(settings.artifact))
     art = load_artifact(settings.artifact, device=settings.device, dtype=settings.dtype,
                         verify=settings.verify_artifact, with_experts=settings.mode != "backbone",
                         expert_reader=read_expert_state,
@@ -44,7 +49,13 @@ def load_state(app: FastAPI, settings: Settings) -> None:
     router = load_router(art.path, art.manifest)
     name = settings.model_name or Path(settings.artifact).resolve().name
     metrics = Metrics(art.expert_names, settings.mode, name)
-    engine = Engine(art, router, settings, metrics)
+    engine = Engine(art, router, settings, metrics, memory_plan=plan)
+    load_s = time.perf_counter() - t0
+    metrics.set_memory(plan.to_json(), load_s)
+    if art.manifest.dtype != str(art.model.dtype).removeprefix("torch.") and art.model.device.type == "cpu":
+        startup_log.info("the artifact is %s; served in %s on this CPU (no native bf16 dot products: AVX512-BF16/AMX); "
+                 "--dtype bfloat16 forces it", art.manifest.dtype, str(art.model.dtype).removeprefix("torch."))
+    startup_log.info("loaded in %.1f s: %s", load_s, plan.summary())
     app.state.artifact = art
     app.state.metrics = metrics
     app.state.engine = engine
@@ -98,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(load_state, app, settings)
         await app.state.engine.start()
-        log.info("twinserve ready: %s (%s mode, %s experts)", settings.artifact, settings.mode,
+        startup_log.info("twinserve ready: %s (%s mode, %s experts)", settings.artifact, settings.mode,
                  len(app.state.artifact.expert_names))
         yield
         await app.state.engine.stop()

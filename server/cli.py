@@ -25,8 +25,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from router.train import RouterDataError
     from twin.artifact import ArtifactError
     from twin.model import UnsupportedModelError
+    from compression.preflight import PreflightError
+    from server.memory import StartupError
     from zoo.synthetic import SyntheticError
-    return (SyntheticError, ParityError, ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
+    return (StartupError, PreflightError, SyntheticError, ParityError, ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
             RouterDataError, LoadtestError)
 
 
@@ -58,35 +60,62 @@ def cmd_zoo_synthetic(args) -> int:
 
 
 def cmd_build(args) -> int:
+    import torch
+
+    from compression.preflight import check, estimate, print_estimate
     from compression.recipe import load_recipe
     recipe = load_recipe(args.recipe)
     if args.rank is not None:
         recipe = recipe.model_copy(update={"rank": recipe.rank.model_copy(update={"rank": args.rank, "energy": None})})
-    build_with_parity(recipe, args.output, skip_parity=args.skip_parity)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check_base_supported(recipe.base)   # before any merge work: seconds, not the whole build
+    est = estimate(recipe, threads=args.threads, skip_parity=args.skip_parity)
+    print_estimate(est, console)
+    if args.estimate:
+        return 0
+    check(est, args.output)
+    build_with_parity(recipe, args.output, skip_parity=args.skip_parity, estimate=est.to_json())
     console.print(f"[green]artifact written[/] {args.output}")
     return 0
 
 
-def build_with_parity(recipe, out, skip_parity: bool = False, **build_kwargs) -> None:
+def build_with_parity(recipe, out, skip_parity: bool = False, estimate: dict | None = None,
+                      **build_kwargs) -> None:
     """Refuse an unserveable base in seconds, build, then run the parity gate (removing the artifact when
-    the served model differs from transformers) and record its result."""
+    the served model differs from transformers) and record its result and the phase times."""
     import shutil
+    import time
 
     from compression.build import build_artifact
     from compression.experts import expert_tensors
     from compression.parity import ParityError, check_parity, record_parity
     check_base_supported(recipe.base)   # before any merge work: seconds, not the whole build
+    t0 = time.perf_counter()
+    quiet = build_kwargs.get("quiet", False)
+
+    def phase(what: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{time.perf_counter() - t0:8.1f} s[/] {what}")
+
+    phase("merge + factor (θ* and the δ_t factors, streamed to the artifact's shards)")
     build_artifact(recipe, out, **build_kwargs)
     if skip_parity:
-        record_parity(out, None, skipped=True)
+        record_parity(out, None, skipped=True, extra={"estimate": estimate})
         console.print("[yellow]parity gate skipped (--skip-parity, recorded in the manifest)[/]")
         return
+    t_gate = time.perf_counter()
+    phase("parity gate (served step vs transformers, one decoder block resident at a time)")
     try:
-        report = check_parity(out, expert_tensors, console=console)
+        report = check_parity(out, expert_tensors, console=None if quiet else console,
+                              progress=lambda what: phase(f"  gate: {what}"))
     except ParityError:
         shutil.rmtree(out, ignore_errors=True)   # never leave an artifact that serves wrong logits
         raise
-    record_parity(out, report)
+    gate_s = round(time.perf_counter() - t_gate, 2)
+    record_parity(out, report, extra={"gate_s": gate_s, "total_s": round(time.perf_counter() - t0, 2),
+                                      "estimate": estimate})
+    phase(f"done: gate {gate_s:.0f} s")
 
 
 def check_base_supported(base: str) -> None:
@@ -258,10 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("recipe", help="recipe file (see deploy/recipes/) or a mergekit config (merge_method: ...)")
     b.add_argument("-o", "--output", required=True, help="artifact directory (written atomically)")
     b.add_argument("--rank", type=positive_int, default=None, help="override the recipe's fixed rank")
+    b.add_argument("--threads", type=positive_int, default=None,
+                   help="torch compute threads (default: torch's choice; on a busy 2-core machine 1 is often "
+                        "several times faster than 2)")
+    b.add_argument("--estimate", action="store_true",
+                   help="print the estimate (peak memory, disk, time for this machine) and exit without building")
     b.add_argument("--skip-parity", action="store_true",
-                   help="skip the parity gate (each expert served by the artifact vs transformers' forward; "
-                        "loads every expert once: skip it for models too large to hold twice). Recorded in the "
-                        "manifest")
+                   help="skip the parity gate (each expert served by the artifact through the engine's step vs "
+                        "transformers' forward, streamed one decoder block at a time, so it fits wherever the build "
+                        "does; it reads every weight about 5 times per expert). Recorded in the manifest")
     b.set_defaults(fn=cmd_build)
 
     e = sub.add_parser(

@@ -68,14 +68,16 @@ class Request:
 
 class Engine:
     def __init__(self, art: LoadedArtifact, router: Router | None, settings: Settings, metrics: Metrics,
-                 runner: ModelRunner | None = None):
+                 runner: ModelRunner | None = None, memory_plan=None):
         self.art, self.router, self.settings, self.metrics = art, router, settings, metrics
         self.tokenizer = art.tokenizer
         self.names = art.expert_names
         self.mode = MODES[settings.mode]
         self.max_batch = 1 if self.mode.per_request else settings.max_batch_size
         ctx = art.config.max_position_embeddings
-        self.max_len = min(settings.max_model_len or DEFAULT_MAX_LEN, ctx)  # KV cache: slots × max_len
+        # KV cache: slots × max_len positions (a KV budget sets max_len: server.memory.plan)
+        self.max_len = memory_plan.positions if memory_plan is not None else \
+            min(settings.max_model_len or DEFAULT_MAX_LEN, ctx)
         self.scheduler = Scheduler(self.max_batch, settings.max_tokens_per_step, settings.max_queue,
                                    per_request=self.mode.per_request)
         self.runner = runner or ModelRunner(art, router, self.mode, self.max_batch, self.max_len,

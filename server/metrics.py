@@ -45,6 +45,11 @@ class Metrics:
                                    registry=r)
         self.fallbacks = Counter("twinserve_router_fallbacks", "requests routed to the fallback", registry=r)
         self.finished = Counter("twinserve_finished_requests", "finished requests by reason", ["reason"], registry=r)
+        self.memory = Gauge("twinserve_memory_bytes", "planned resident bytes by kind (weights, factors, kv_cache)",
+                            ["kind"], registry=r)
+        self.load_seconds = Gauge("twinserve_load_seconds", "artifact verify + load + engine setup at startup",
+                                  registry=r)
+        self.memory_plan: dict = {}
         self.info = Info("twinserve_fusion", "fusion mode and model", registry=r)
         self.info.info({"mode": mode, "model": model, "experts": ",".join(experts)})
         for phase in STEP_PHASES:
@@ -87,6 +92,12 @@ class Metrics:
             while q and q[0][0] < cut:
                 q.popleft()
 
+    def set_memory(self, plan: dict, load_s: float) -> None:
+        self.memory_plan = dict(plan, load_seconds=round(load_s, 2))
+        for kind, key in (("weights", "weights_bytes"), ("factors", "factors_bytes"), ("kv_cache", "kv_bytes")):
+            self.memory.labels(kind).set(plan[key])
+        self.load_seconds.set(load_s)
+
     def stats(self, window_s: float = 60.0) -> dict:
         now = time.time()
         with self._lock:
@@ -109,6 +120,7 @@ class Metrics:
             "queue_depth": int(self.queue_depth._value.get()),
             "routing_share": {k: round(v / total, 4) for k, v in sorted(share.items())},
             "routing_window_s": WINDOW_S,
+            "memory": self.memory_plan,
         }
 
 

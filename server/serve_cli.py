@@ -22,10 +22,26 @@ def cmd_serve(args) -> int:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])} (--{str(err['loc'][0]).replace('_', '-')} or "
                              f"TWINSERVE_{str(err['loc'][0]).upper()}): {err['msg']}" for err in e.errors())
         raise UsageError(f"invalid setting: {problems}") from None
-    verify_artifact(settings.artifact)  # fail fast with a clear message, before uvicorn starts
+    manifest = verify_artifact(settings.artifact)  # fail fast with a clear message, before uvicorn starts
+    memory_plan(settings, manifest)                # and refuse settings that cannot fit, with the numbers
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
     return 0
+
+
+def memory_plan(settings: Settings, manifest):
+    """The startup memory plan for ``settings`` (StartupError when it cannot fit this machine)."""
+    from twin.loading import config_from_manifest, pick_device, pick_dtype
+
+    from .memory import check_fits, plan
+    device = pick_device(settings.device)
+    dtype = str(pick_dtype(settings.dtype, device)).removeprefix("torch.")
+    per_request = settings.mode in ("materialize", "expert")
+    p = plan(manifest, config_from_manifest(manifest), settings.artifact, dtype,
+             1 if per_request else settings.max_batch_size, settings.max_model_len, settings.kv_cache_gib,
+             with_experts=settings.mode != "backbone")
+    check_fits(p, device.type)
+    return p
 
 
 def setting_help(name: str) -> str:
@@ -55,6 +71,9 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=get_args(Settings.model_fields["dtype"].annotation), default=None,
                    help=setting_help("dtype"))
     p.add_argument("--max-batch-size", type=int, default=None, help=setting_help("max_batch_size"))
+    p.add_argument("--max-model-len", type=int, default=None, help=setting_help("max_model_len"))
+    p.add_argument("--kv-cache-gib", type=float, default=None, help=setting_help("kv_cache_gib"))
+    p.add_argument("--threads", type=int, default=None, help=setting_help("threads"))
     p.add_argument("--max-queue", type=int, default=None, help=setting_help("max_queue"))
     p.add_argument("--api-key", default=None, help=setting_help("api_key"))
     p.add_argument("--model-name", default=None, help=setting_help("model_name"))

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
                                      "chunks, one forward): longer prompts are prefilled in chunks across steps")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_model_len: int | None = Field(None, ge=8, description="context limit and KV cache length per slot (default: min(model max positions, 2048))")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV cache budget in GiB: positions per slot = "
+                                       "budget / (max_batch_size × KV bytes per position), capped by max_model_len "
+                                       "when set (default: max_model_len positions per slot)")
     max_tokens_default: int = Field(16, ge=1, description="max_tokens when the request omits it")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 after it)")
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for in-flight work")

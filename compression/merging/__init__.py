@@ -19,7 +19,7 @@ from .average import average_merge
 from .breadcrumbs import breadcrumbs_merge, breadcrumbs_ties_merge
 from .dare import dare_linear_merge, dare_ties_merge
 from .linear import linear_merge
-from .select import RankMask
+from .select import CHUNK, RankMask
 from .sparsify import magnitude_keep, outlier_ranks
 from .task_arithmetic import task_arithmetic_merge
 from .ties import ties_merge
@@ -177,22 +177,24 @@ def _trims(spec: MergeMethod, base: TensorRows, experts: list[TensorRows], param
         if d >= 1:
             out.append(None)
             continue
-        tau = _full(e).float() - base32
-        n = tau.numel()
+        mag = _full(e).to(torch.float32, copy=True).sub_(base32).abs_()     # |τ_t|, the only whole-tensor fp32 copy besides θ_0
+        n = mag.numel()
         if kind == "bernoulli":
-            trim = _Trim(keep=torch.rand(tau.shape, generator=gen) < d)
+            trim = _Trim(keep=torch.rand(mag.shape, generator=gen) < d)
         else:
             lo, hi = (n - magnitude_keep(d, n), n) if kind == "magnitude" else \
                 outlier_ranks(d, params.get("gamma", 0.01), n)
-            mag = tau.abs()
             trim = _Trim(ranks=(lo, hi), bounds=RankMask(mag, lo, hi).bounds())
-        if d <= 0 and kind == "magnitude":
-            trim = _Trim(keep=torch.zeros(tau.shape, dtype=torch.bool))
-        if rescale:
-            kept = trim.apply(trim.start(), tau, 0, tau.shape[0] if tau.ndim else 1)
-            before, after = tau.abs().sum(), kept.abs().sum()
-            if before >= 1e-7 and after >= 1e-7:     # mergekit's RescaleNorm.l1 (sparsify.l1_rescale)
+        if rescale:   # mergekit's RescaleNorm.l1 (sparsify.l1_rescale): ||τ||_1 / ||τ̂||_1
+            before = mag.sum()
+            if trim.keep is not None:
+                after = (mag * trim.keep).sum()
+            else:
+                flat, m = mag.reshape(-1), trim.start()
+                after = sum((c * m.next(c)).sum() for c in flat.split(CHUNK))
+            if before >= 1e-7 and after >= 1e-7:
                 trim.scale = before / after
+        del mag
         out.append(trim)
     return out
 
