@@ -17,7 +17,7 @@ from rich.table import Table
 
 from compression.checkpoints import LazyState, load_model_state, open_expert
 from compression.merging import merge_params, merge_state
-from twin.artifact import BACKBONE, EXCLUSIVE, read_report, update_artifact
+from twin.artifact import BACKBONE, EXCLUSIVE, read_report, tensor_files, update_artifact
 from twin.generate import greedy_generate
 from twin.loading import LoadedArtifact, build_model, load_artifact
 from twin.manifest import Manifest
@@ -165,11 +165,16 @@ def evaluate(path: str | Path, tasks: str | Path | None = None, limit: int | Non
 def storage_bytes(art: LoadedArtifact) -> dict[str, int]:
     """File sizes of θ* and the exclusive modules, and what T dense experts take: T × the bytes of θ*'s
     tensors (every expert has θ*'s tensors, stored as the artifact stores weights). Works for any artifact."""
-    with open(art.path / BACKBONE, "rb") as f:  # safetensors: u64 header length, JSON header, tensor data
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    per_expert = sum(end - start for k, v in header.items() if k != "__metadata__" for start, end in [v["data_offsets"]])
-    return {"backbone": (art.path / BACKBONE).stat().st_size, "exclusive": (art.path / EXCLUSIVE).stat().st_size,
-            "dense_experts": len(art.expert_names) * per_expert}
+    per_expert = 0
+    for f in tensor_files(art.path, BACKBONE):   # safetensors: u64 header length, JSON header, tensor data
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        per_expert += sum(end - start for k, v in header.items() if k != "__metadata__"
+                          for start, end in [v["data_offsets"]])
+
+    def size(name: str) -> int:
+        return sum(f.stat().st_size for f in tensor_files(art.path, name))
+    return {"backbone": size(BACKBONE), "exclusive": size(EXCLUSIVE), "dense_experts": len(art.expert_names) * per_expert}
 
 
 def router_report(art: LoadedArtifact, test: dict[str, list[dict]]) -> dict:

@@ -6,6 +6,7 @@ tensor. Factors are stored as ``compress.factor_dtype`` (int8 with per-component
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
@@ -24,6 +26,7 @@ from twin.artifact import (
     BACKBONE,
     EXCLUSIVE,
     REPORT,
+    ArtifactError,
     LazyTensors,
     ShardWriter,
     atomic_dir,
@@ -182,7 +185,7 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
             yield name, src.rows(e, pname).full().to(torch.float32, copy=True).sub_(theta_star)
 
     in_bytes = sum(math.prod(base.shape(src.name_in(base, k))) for k in src.keys) * (len(names) + 1) * esize
-    with atomic_dir(out) as tmp:
+    with write_errors(out), atomic_dir(out) as tmp:
         bw = ShardWriter(tmp, BACKBONE, shard_bytes)
         ew = ShardWriter(tmp, EXCLUSIVE, shard_bytes)
         bar = tqdm(total=in_bytes, desc="merge + factor", unit="B", unit_scale=True, unit_divisor=1024,
@@ -274,6 +277,16 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     if not quiet:
         print_build_table(report)
     return manifest
+
+
+@contextlib.contextmanager
+def write_errors(out: str | Path):
+    """A write that fails (disk full, permissions) exits 2 naming the artifact; atomic_dir has already removed
+    the temp dir, so nothing half-written is left."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise ArtifactError(f"{out}: cannot write the artifact: {e}; nothing was left behind") from None
 
 
 def _budget(recipe: Recipe, dense_expert_bytes: int, dense: int, n_dense_keys: int, spectra: dict) -> dict:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from torch import nn
 from rich.table import Table
+from torch import nn
 
 # Fixed prompts: plain text any tokenizer encodes; the char-level demo zoo included.
 PROMPTS = ("the quick brown fox jumps over the lazy dog. ",
@@ -198,7 +198,7 @@ class StreamedServed:
         exclusive = LazyTensors(path, EXCLUSIVE)
         names = manifest.expert_names
         shapes = {}
-        for k in self.backbone.keys():
+        for k in self.backbone:
             shapes[k] = tuple(self._shape(self.backbone, k))
         model = TwinModel(config, _empty_state(shapes))
         lowrank, dense = {}, {}
@@ -358,7 +358,7 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
     step = progress or (lambda what: None)
     served = StreamedServed(path, manifest, config)
     backbone = served.backbone
-    shapes = {k: tuple(StreamedServed._shape(backbone, k)) for k in backbone.keys()}
+    shapes = {k: tuple(StreamedServed._shape(backbone, k)) for k in backbone}
     ref = StreamedReference(config, shapes)
     exclusive = LazyTensors(path, EXCLUSIVE)
     names = manifest.expert_names
@@ -410,7 +410,7 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
         impl = _max_diff(got, mat)
         gate(impl, f"expert {name!r} (θ* + δ̂_t)", w, materialised)
         theta_t = expert_reader(manifest, t)
-        want = ref.logits(lambda n: theta_t(n).float(), seqs)
+        want = ref.logits(lambda n, f=theta_t: f(n).float(), seqs)
         agree = torch.cat([(s.argmax(-1) == r.argmax(-1)).float() for s, r in zip(got, want)]).mean()
         ranks = [e.ranks.get(name, 0) for e in manifest.tensors.values() if e.kind == "lowrank"]
         results.append(ExpertParity(name, _max_diff(got, want), float(agree), impl, _max_diff(mat, want),

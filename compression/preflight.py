@@ -125,7 +125,8 @@ def estimate(recipe: Recipe, threads: int | None = None, shard_bytes: int = 1 <<
             continue
         per = (8 + 2 * e) * n + (T * n if sparsify == "bernoulli" else 0)
         work = (12 + 2 * e) * n if sparsify else 0
-        merge_peak = max(merge_peak, max(work, per) + 4 * (128 << 20))
+        blocks = min(4 * (128 << 20), 4 * 4 * T * n)     # the row blocks of the mix (T stacked fp32 τ, masks)
+        merge_peak = max(merge_peak, max(work, per) + blocks)
         merge_s += n * T / rates["merge"]
         if not keeps_delta(name, recipe.rank):
             continue
@@ -140,7 +141,7 @@ def estimate(recipe: Recipe, threads: int | None = None, shard_bytes: int = 1 <<
                 factor_s += T * 4 * n * min(d_out, d_in) / rates["svd"]   # LAPACK's gesdd, roughly
         else:
             artifact += T * n * e
-    merge_peak += 2 * shard_bytes + BASELINE_BYTES
+    merge_peak += min(2 * shard_bytes, artifact) + BASELINE_BYTES
     # the gate: three reference passes and two served steps per expert (+ θ* once), each reading every
     # weight (bf16 -> fp32 at ~1 GB/s) and multiplying it by the gate's tokens
     vocab_unit = config.vocab_size * config.hidden_size

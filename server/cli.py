@@ -20,13 +20,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from bench.quality import EvalError
     from compression.checkpoints import CheckpointError
     from compression.parity import ParityError
+    from compression.preflight import PreflightError
     from compression.recipe import RecipeError
     from loadtest.workload import LoadtestError
     from router.train import RouterDataError
+    from server.memory import StartupError
     from twin.artifact import ArtifactError
     from twin.model import UnsupportedModelError
-    from compression.preflight import PreflightError
-    from server.memory import StartupError
     from zoo.synthetic import SyntheticError
     return (StartupError, PreflightError, SyntheticError, ParityError, ArtifactError, CheckpointError, RecipeError, EvalError, UnsupportedModelError, UsageError,
             RouterDataError, LoadtestError)

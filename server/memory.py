@@ -54,7 +54,7 @@ class MemoryPlan:
 def plan(manifest, config, artifact: Path, dtype: str, slots: int, max_model_len: int | None,
          kv_cache_gib: float | None, with_experts: bool = True) -> MemoryPlan:
     """Bytes the served model will hold in ``dtype`` (the artifact's files, upcast as loading does)."""
-    from twin.artifact import BACKBONE, EXCLUSIVE, index_name
+    from twin.artifact import BACKBONE, index_name
 
     size = _BYTES[dtype]
     stored = _BYTES.get(manifest.dtype, 4)

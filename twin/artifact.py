@@ -38,6 +38,7 @@ BACKBONE = "backbone.safetensors"
 EXCLUSIVE = "exclusive.safetensors"
 ROUTER = "router.safetensors"
 REPORT = "report.json"
+OWNER = ".owner-pid"   # in a temp dir while it is being written; a killed writer leaves it behind
 
 
 class ArtifactError(ValueError):
@@ -53,7 +54,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, OWNER))
 
 
 def make_readable(root: Path) -> None:
@@ -82,13 +83,16 @@ def atomic_dir(target: str | Path, link_from: str | Path | None = None) -> Itera
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     if link_from is not None:
         shutil.copytree(link_from, tmp, copy_function=_link_or_copy)
     else:
         tmp.mkdir()
+    (tmp / OWNER).write_text(str(os.getpid()))
     try:
         yield tmp
+        (tmp / OWNER).unlink(missing_ok=True)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -99,6 +103,31 @@ def atomic_dir(target: str | Path, link_from: str | Path | None = None) -> Itera
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove temp dirs of ``target`` left by a writer that no longer runs (a killed build): they were never
+    renamed into place, so nothing could load them, but they hold disk. Returns what was removed."""
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int((tmp / OWNER).read_text())
+        except (OSError, ValueError):
+            continue      # not ours, or an older writer without an owner file: leave it
+        if not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -200,6 +229,9 @@ class LazyTensors:
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
+
+    def __iter__(self):
+        return iter(self.where)
 
     def keys(self) -> list[str]:
         return list(self.where)
