@@ -223,7 +223,7 @@ class LazyTensors:
         for f in tensor_files(Path(path), name):
             try:
                 with safe_open(str(f), framework="pt") as h:
-                    self.where.update(dict.fromkeys(h.keys(), f))  # noqa: SIM118
+                    self.where.update(dict.fromkeys(h.keys(), f))
             except (SafetensorError, OSError) as e:
                 raise ArtifactError(f"{f}: cannot read: {e}") from None
 

@@ -3,7 +3,6 @@ copied-through tensors, the streamed gate, preflight, and what a killed or faili
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from compression.merging import MERGE_METHODS, merge_params, merge_tensor
 from compression.merging.select import rank_range_mask
@@ -84,7 +82,7 @@ def test_shard_writer_writes_transformers_style_shards_and_an_index(tmp_path):
     assert index_name(BACKBONE) in files and len(files) == 5             # 4 shards of <= 3 tensors + index
     index = json.loads((tmp_path / index_name(BACKBONE)).read_text())
     assert set(index["weight_map"]) == set(tensors) and index["metadata"]["total_size"] == 10 * 1024
-    assert [p.name for p in tensor_files(tmp_path, BACKBONE)][0] == "backbone-00001-of-00004.safetensors"
+    assert tensor_files(tmp_path, BACKBONE)[0].name == "backbone-00001-of-00004.safetensors"
     got = load_tensors(tmp_path, BACKBONE)
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
     assert not list(tmp_path.glob(".*part*"))
@@ -144,11 +142,11 @@ def test_lora_experts_leave_untouched_tensors_unmerged(synthetic_lora, tmp_path)
     base = LazyState(synthetic_lora / "base")
     backbone = load_tensors(tmp_path / "art", BACKBONE)
     counts = read_report(tmp_path / "art")["build"]["tensors"]
-    untouched = [k for k in base.keys() if "proj" not in k]
+    untouched = [k for k in base.keys() if "proj" not in k]  # noqa: SIM118 (LazyState is not a dict)
     assert counts["unchanged"] == len(untouched) > 0
     for k in untouched:
         assert torch.equal(backbone[k], base.get(k)) and k not in m.tensors
-    assert {k for k in base.keys() if "proj" in k} == set(m.tensors)
+    assert {k for k in base.keys() if "proj" in k} == set(m.tensors)  # noqa: SIM118
 
 
 # ---- the streamed gate on real-shape synthetic checkpoints ------------------------------------------
