@@ -200,10 +200,13 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
                 counts["unchanged"] += 1
                 bar.update(numel * (len(names) + 1) * esize)
                 continue
+            merged: dict = {}
             theta_star = merge_tensor(pname, b0, [src.rows(e, pname) for e in experts], recipe.merge.method,
-                                      out_dtype=dtype, **params)
+                                      out_dtype=dtype, stats=merged, **params)
             bw.add(pname, theta_star)
-            if keeps_delta(pname, policy):
+            if not merged["changed"] and torch.equal(theta_star, b0.full().to(dtype)):
+                counts["unchanged"] += 1      # every θ_t = θ_0 = θ* here (a frozen tensor): no δ_t to keep
+            elif keeps_delta(pname, policy):
                 tensors[pname] = TensorEntry(shape=list(b0.shape), kind="lowrank" if len(b0.shape) == 2 else "dense",
                                              factor_dtype=factor_dtype if len(b0.shape) == 2 else None)
                 for name, delta in deltas(pname, theta_star):

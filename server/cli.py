@@ -98,6 +98,8 @@ def build_with_parity(recipe, out, skip_parity: bool = False, estimate: dict | N
         if not quiet:
             console.print(f"[dim]{time.perf_counter() - t0:8.1f} s[/] {what}")
 
+    probe_recipe(recipe, phase)
+
     phase("merge + factor (θ* and the δ_t factors, streamed to the artifact's shards)")
     build_artifact(recipe, out, **build_kwargs)
     if skip_parity:
@@ -116,6 +118,20 @@ def build_with_parity(recipe, out, skip_parity: bool = False, estimate: dict | N
     record_parity(out, report, extra={"gate_s": gate_s, "total_s": round(time.perf_counter() - t0, 2),
                                       "estimate": estimate})
     phase(f"done: gate {gate_s:.0f} s")
+
+
+def probe_recipe(recipe, phase) -> None:
+    """The early refusal (compression.probe): a tiny model of the base's config through build + gate."""
+    from compression.checkpoints import LazyState, load_config, open_expert
+    from compression.probe import ProbeSkipped, probe
+    config = load_config(recipe.base)
+    base = LazyState(recipe.base)
+    experts = [open_expert(e.path, base) for e in recipe.experts]
+    try:
+        probe(config, experts, recipe)
+        phase(f"probe: a tiny {config.model_type} model is served exactly (build + gate), so the real build starts")
+    except ProbeSkipped as e:
+        phase(f"[yellow]probe skipped[/] (no tiny model of this config: {e}); the build's own gate decides")
 
 
 def check_base_supported(base: str) -> None:

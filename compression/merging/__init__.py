@@ -102,7 +102,7 @@ def _full(src: TensorRows) -> torch.Tensor:
 
 def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Sequence[torch.Tensor | TensorRows],
                  method: str, weights: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float32,
-                 chunk_elements: int = MAX_CHUNK_ELEMENTS, **params) -> torch.Tensor:
+                 chunk_elements: int = MAX_CHUNK_ELEMENTS, stats: dict | None = None, **params) -> torch.Tensor:
     """θ*[name] = θ_0 + merge(θ_t − θ_0), computed in fp32, returned as ``out_dtype``.
 
     ``w0`` and ``expert_tensors`` are tensors or row readers (``TensorRows``). Bounded memory: per expert,
@@ -110,7 +110,8 @@ def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Seque
     or its DARE drop mask; then the tensor is merged in row blocks of at most ``chunk_elements`` stacked
     entries, each block through the method's own function with the trim already applied.
     ``weights``: per-expert w_t (default 1). ``params``: from ``merge_params``; a scalar ``densities``
-    applies to every expert. Raises KeyError for an unknown method.
+    applies to every expert. ``stats``, when given, gets ``changed``: whether any τ_t has a non-zero entry.
+    Raises KeyError for an unknown method.
     """
     spec = MERGE_METHODS[method]
     base = w0 if not isinstance(w0, torch.Tensor) else InMemory(w0)
@@ -132,10 +133,12 @@ def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Seque
     step = max(1, chunk_elements // max(1, T * row_elems))
     out = torch.empty(shape, dtype=out_dtype)
     masks = [t.start() if t is not None else None for t in trims]
+    changed = False
     for lo in range(0, rows_total, step):
         hi = min(rows_total, lo + step)
         b = base.rows(lo, hi).float()
         tv = torch.stack([e.rows(lo, hi).float() - b for e in experts])    # (T, rows, *cols)
+        changed = changed or bool(tv.any())
         for t, trim in enumerate(trims):
             if trim is not None:
                 tv[t] = trim.apply(masks[t], tv[t], lo, hi)
@@ -144,6 +147,8 @@ def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Seque
             out[lo:hi] = b + merged
         else:
             out.copy_(b + merged)
+    if stats is not None:
+        stats["changed"] = changed
     return out
 
 

@@ -345,6 +345,10 @@ class TwinLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def factors(self) -> LowRankDeltas | None:
         """B_cat, A_cat of this layer (unpacked from oneDNN's layout when prepacked)."""
         if isinstance(self.base_layer, (PackedTwinLinear, StackedTwinLinear)):
