@@ -76,12 +76,14 @@ def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
         index_lists = {k: v for k, v in d.items() if k in INDEX_LISTS and isinstance(v, list)}
         per_layer = {k: v for k, v in d.items() if isinstance(v, list) and len(v) == n and k not in index_lists}
         kinds = [v for v in per_layer.values() if all(isinstance(x, (str, bool)) for x in v)]
-        keep = {seq.index(x) for seq in kinds for x in seq} | {0, 1}
+        keep = {seq.index(x) for seq in kinds for x in seq} | {0}
         for v in index_lists.values():   # one layer in and one out of each index list
             inside = [i for i in v if isinstance(i, int) and 0 <= i < n]
             outside = [i for i in range(n) if i not in inside]
             keep |= set(inside[:1]) | set(outside[:1])
         keep = sorted(i for i in keep if i < n)[:8]
+        if len(keep) < 2 and n > 1:      # two alike layers at least: the second reads the first's output
+            keep = sorted({*keep, next(i for i in range(n) if i not in keep)})
         for k, v in per_layer.items():
             setattr(cfg, k, [v[i] for i in keep])
         for k, v in index_lists.items():
@@ -92,7 +94,7 @@ def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
         if isinstance(v, int) and v >= 256:
             setattr(cfg, k, 256 + TOKEN_IDS.index(k) % 2)
         elif isinstance(v, list):
-            setattr(cfg, k, [i if i < 256 else 256 for i in v])
+            setattr(cfg, k, [min(256, i) for i in v])
     return cfg
 
 
