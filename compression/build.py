@@ -158,6 +158,8 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     dense_bytes = 0          # exclusive bytes of the 1-D deltas (budget accounting)
     n_keys = 0               # exclusive tensors written (budget accounting: header bytes)
     phases: dict[str, float] = {}
+    merged_only: dict[str, str] = {}     # tensors the experts change that no Twin layer can carry -> reason
+    refusal = delta_refusals(config)
 
     def store_factors(ew: ShardWriter, pname: str, name: str, delta: torch.Tensor, rank: int | None,
                       energy: float | None) -> None:
@@ -204,8 +206,11 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
             theta_star = merge_tensor(pname, b0, [src.rows(e, pname) for e in experts], recipe.merge.method,
                                       out_dtype=dtype, stats=merged, **params)
             bw.add(pname, theta_star)
+            why = refusal(pname)
             if not merged["changed"] and torch.equal(theta_star, b0.full().to(dtype)):
                 counts["unchanged"] += 1      # every θ_t = θ_0 = θ* here (a frozen tensor): no δ_t to keep
+            elif keeps_delta(pname, policy) and why is not None:
+                merged_only[pname] = why      # no Twin layer can carry it: θ* serves every expert there
             elif keeps_delta(pname, policy):
                 tensors[pname] = TensorEntry(shape=list(b0.shape), kind="lowrank" if len(b0.shape) == 2 else "dense",
                                              factor_dtype=factor_dtype if len(b0.shape) == 2 else None)
@@ -252,7 +257,7 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
                             "merge": recipe.merge.model_dump(), "rank_policy": policy.model_dump(),
                             "compress": recipe.compress.model_dump(), "factor_dtype": factor_dtype,
                             "dense_expert_bytes": dense_expert_bytes, "budget": budget,
-                            "untied_head": src.untie, "tensors": counts,
+                            "untied_head": src.untie, "tensors": counts, "merged_only": merged_only,
                             "files": {"backbone": backbone_files, "exclusive": exclusive_files}}}
         manifest = Manifest(
             created_by=f"twinserve {__version__}",
@@ -280,6 +285,16 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     if not quiet:
         print_build_table(report)
     return manifest
+
+
+def delta_refusals(config: PretrainedConfig):
+    """name -> why that tensor cannot carry a routed δ_t in the served model (None: a Twin layer serves it),
+    from transformers' model class for ``config`` on the meta device."""
+    from twin.model.hf import causal_lm_class, delta_refusal
+
+    with torch.device("meta"):
+        model = causal_lm_class(config)._from_config(config)
+    return lambda name: delta_refusal(model, name)
 
 
 @contextlib.contextmanager
@@ -313,4 +328,9 @@ def print_build_table(report: dict, console: Console | None = None) -> None:
     for name, s in b["experts"].items():
         table.add_row(name, f"{s['factor_bytes']:,}", f"{s['dense_delta_bytes']:,}", f"{s['ratio']:.3f}",
                       f"{s['mean_rel_error']:.4f}", f"{s.get('max_quant_error', 0.0):.5f}")
+    merged_only = b.get("merged_only") or {}
+    if merged_only:
+        first, why = next(iter(merged_only.items()))
+        table.caption = (f"{len(merged_only)} tensors the experts change are merged into θ* without exclusive deltas "
+                         f"(e.g. {first}: {why}); the gate's compression column shows what that costs")
     (console or Console()).print(table)

@@ -40,10 +40,12 @@ def test_a_layer_the_step_cannot_serve_is_refused_by_name():
         probe_kinds(cfg, linear_kinds(model), RECIPE, model=model)
 
 
-def test_deltas_on_unwrapped_modules_are_refused_before_merge_work():
+def test_deltas_on_unwrapped_modules_are_merged_into_the_backbone():
+    """Full fine-tunes also change cohere's custom LayerNorm, which no Twin layer wraps: those tensors are merged
+    into θ* (every expert served with θ* there), the build says so, and the served step stays exact."""
     cfg = AutoConfig.for_model("cohere")
-    with pytest.raises(UnsupportedModelError, match="CohereLayerNorm"):
-        probe_kinds(cfg, None, RECIPE)                  # full fine-tunes also change the custom norms
+    report = probe_kinds(cfg, None, RECIPE)
+    assert all(e["implementation_error"] <= 1e-4 for e in report["experts"].values())
 
 
 def test_lora_experts_leave_frozen_modules_alone():

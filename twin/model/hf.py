@@ -437,6 +437,29 @@ class TwinNorm(nn.Module):
             base._parameters["weight"] = saved
 
 
+def delta_refusal(model: nn.Module, param: str) -> str | None:
+    """Why tensor ``param`` of ``model`` (a transformers model, possibly on the meta device) cannot carry a routed
+    exclusive delta, or None when a Twin layer serves it: a linear's weight and bias (nn.Linear, GPT-2's
+    Conv1D), an embedding table (plain, or scaled as Gemma 3's), a norm's gain and bias."""
+    path, _, attr = param.rpartition(".")
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        return "not a parameter of the model"
+    if isinstance(mod, (TwinLinear, TwinEmbedding, TwinNorm)):
+        mod = mod.base_layer
+    kind = type(mod).__name__
+    if isinstance(mod, (nn.Linear, Conv1D, PackedLinear)):
+        return None if attr in ("weight", "bias") else f"{attr} of a {kind} has no Twin layer"
+    if isinstance(mod, nn.Embedding):
+        if type(mod) is not nn.Embedding and not hasattr(mod, "embed_scale"):
+            return f"embedding class {kind} is not supported for exclusive deltas"
+        return None if attr == "weight" else f"{attr} of an embedding has no Twin layer"
+    if isinstance(mod, nn.LayerNorm) or _is_rms_norm(mod):
+        return None if attr in ("weight", "bias") else f"{attr} of a {kind} has no Twin layer"
+    return f"exclusive deltas on a {kind} are not supported"
+
+
 def _is_rms_norm(m: nn.Module) -> bool:
     return type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
 
@@ -640,17 +663,15 @@ class HFTwinModel(nn.Module):
         mod = self.hf.get_submodule(path)
         if isinstance(mod, (TwinLinear, TwinEmbedding, TwinNorm)):
             return mod
+        why = delta_refusal(self.hf, param)
+        if why is not None:
+            raise UnsupportedModelError(f"{param}: {why}")
         if isinstance(mod, (nn.Linear, Conv1D, PackedLinear)):
             twin = TwinLinear(mod, self.ctx)
         elif isinstance(mod, nn.Embedding):
-            if type(mod) is not nn.Embedding and not hasattr(mod, "embed_scale"):
-                raise UnsupportedModelError(f"{param}: embedding class {type(mod).__name__} is not supported "
-                                            f"for exclusive deltas")
             twin = TwinEmbedding(mod, self.ctx)
-        elif isinstance(mod, nn.LayerNorm) or _is_rms_norm(mod):
-            twin = TwinNorm(mod, self.ctx)
         else:
-            raise UnsupportedModelError(f"{param}: exclusive deltas on a {type(mod).__name__} are not supported")
+            twin = TwinNorm(mod, self.ctx)
         parent, _, child = path.rpartition(".")
         setattr(self.hf.get_submodule(parent) if parent else self.hf, child, twin)
         return twin
