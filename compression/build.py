@@ -136,7 +136,7 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     esize = torch.finfo(dtype).bits // 8
     factor_dtype = recipe.compress.factor_dtype or recipe.dtype
     config = load_config(recipe.base)
-    base = LazyState(recipe.base)
+    base = LazyState(recipe.base, config)
     experts = [open_expert(e.path, base) for e in recipe.experts]
     names = [e.name for e in recipe.experts]
     tok_dir = recipe.tokenizer or recipe.base
@@ -203,8 +203,10 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
                 bar.update(numel * (len(names) + 1) * esize)
                 continue
             merged: dict = {}
-            theta_star = merge_tensor(pname, b0, [src.rows(e, pname) for e in experts], recipe.merge.method,
-                                      out_dtype=dtype, stats=merged, **params)
+            theta_star = merge_pieces(pname, src, recipe.merge.method, dtype, merged, params) \
+                if base.pieces(src.name_in(base, pname)) else \
+                merge_tensor(pname, b0, [src.rows(e, pname) for e in experts], recipe.merge.method,
+                             out_dtype=dtype, stats=merged, **params)
             bw.add(pname, theta_star)
             why = refusal(pname)
             if not merged["changed"] and torch.equal(theta_star, b0.full().to(dtype)):
@@ -285,6 +287,31 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     if not quiet:
         print_build_table(report)
     return manifest
+
+
+class _Raw:
+    """One checkpoint tensor of a fused parameter, as the merge reads it (compression.merging.TensorRows)."""
+
+    def __init__(self, src, key: str):
+        self.src = src.base if isinstance(src, PeftExpert) else src    # an adapter leaves fused experts alone
+        self.key, self.shape = key, tuple(self.src.raw_shape(key))
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self.src.raw_rows(self.key, lo, hi)
+
+
+def merge_pieces(name: str, src: CheckpointSources, method: str, dtype, stats: dict, params: dict) -> torch.Tensor:
+    """θ* of a fused parameter (MoE experts) merged piece by piece — each checkpoint tensor on its own, as
+    mergekit merges them — then assembled as the model class loads it."""
+    fused = src.base.layout.fused[name]
+    merged, changed = {}, False
+    for key in fused.pieces:
+        st: dict = {}
+        merged[key] = merge_tensor(key, _Raw(src.base, key), [_Raw(e, key) for e in src.experts], method,
+                                   out_dtype=dtype, stats=st, **params)
+        changed = changed or st["changed"]
+    stats["changed"] = changed
+    return fused.assemble(merged.pop)
 
 
 def delta_refusals(config: PretrainedConfig):

@@ -43,9 +43,15 @@ _NON_PARAMETER = re.compile(r"(^|\.)(inv_freq|attn\.bias|attn\.masked_bias)$")
 
 class LazyState:
     """Tensors of an HF model dir read one at a time (memory stays at one tensor per expert).
-    Non-parameter buffers (``_NON_PARAMETER``) are skipped."""
+    Non-parameter buffers (``_NON_PARAMETER``) are skipped.
 
-    def __init__(self, path: str | Path):
+    With the model's ``config`` (or a ``layout``), tensors are named as the model class names its
+    parameters, through transformers' weight conversions (compression.names): renamed keys, and MoE experts
+    saved one tensor per expert read as the fused parameter. ``pieces`` and the ``raw_*`` methods reach the
+    checkpoint tensors themselves.
+    """
+
+    def __init__(self, path: str | Path, config: PretrainedConfig | None = None, layout=None):
         self.path = Path(path)
         self._where: dict[str, Path] = {}
         for f in _safetensors_files(self.path):
@@ -53,28 +59,62 @@ class LazyState:
                 for k in h.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
                     if not _NON_PARAMETER.search(k):
                         self._where[k] = f
+        if layout is None and config is not None:
+            from .names import CheckpointLayout, LayoutError
+            try:
+                layout = CheckpointLayout(config, list(self._where))
+            except LayoutError as e:
+                raise CheckpointError(f"{self.path}: {e}") from None
+        self.layout = None if layout is None or layout.identity else layout
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return self.layout.keys() if self.layout is not None else list(self._where)
+
+    def _key(self, name: str) -> str:
+        return self.layout.simple.get(name, name) if self.layout is not None else name
+
+    def _fused(self, name: str):
+        return self.layout.fused.get(name) if self.layout is not None else None
+
+    def pieces(self, name: str) -> list[str] | None:
+        """The checkpoint keys a fused parameter is assembled from (None: one tensor of the same name)."""
+        f = self._fused(name)
+        return f.pieces if f is not None else None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self._where[name]), framework="pt") as h:
-            return tuple(h.get_slice(name).get_shape())
+        f = self._fused(name)
+        if f is not None:
+            return tuple(f.assemble(lambda k: torch.empty(self.raw_shape(k), device="meta")).shape)
+        return self.raw_shape(self._key(name))
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self._where[name]), framework="pt") as h:
-            return h.get_tensor(name)
+        f = self._fused(name)
+        return f.assemble(self.raw_get) if f is not None else self.raw_get(self._key(name))
 
     def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows lo..hi-1 (dim 0) of tensor ``name``, read from the mmap without the rest of the tensor."""
-        with safe_open(str(self._where[name]), framework="pt") as h:
-            sl = h.get_slice(name)
-            return sl[lo:hi] if len(sl.get_shape()) else h.get_tensor(name)
+        f = self._fused(name)
+        return f.rows(self.raw_get, lo, hi) if f is not None else self.raw_rows(self._key(name), lo, hi)
 
     def dtype(self, name: str) -> torch.dtype:
         from safetensors.torch import _getdtype
-        with safe_open(str(self._where[name]), framework="pt") as h:
-            return _getdtype(h.get_slice(name).get_dtype())
+        key = (self.pieces(name) or [self._key(name)])[0]
+        with safe_open(str(self._where[key]), framework="pt") as h:
+            return _getdtype(h.get_slice(key).get_dtype())
+
+    # ---- the checkpoint's own tensors -----------------------------------------------------------------
+    def raw_shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(str(self._where[key]), framework="pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+    def raw_get(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._where[key]), framework="pt") as h:
+            return h.get_tensor(key)
+
+    def raw_rows(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        with safe_open(str(self._where[key]), framework="pt") as h:
+            sl = h.get_slice(key)
+            return sl[lo:hi] if len(sl.get_shape()) else h.get_tensor(key)
 
     def unchanged(self, name: str) -> bool:
         """Whether this checkpoint's ``name`` is known to equal the base's without reading it (a base: yes)."""
@@ -284,7 +324,7 @@ class FullExpert(LazyState):
     """A fully fine-tuned expert; its tensors must match the base's names and shapes."""
 
     def __init__(self, path: str | Path, base: LazyState):
-        super().__init__(path)
+        super().__init__(path, layout=base.layout)
         missing = sorted(set(base.keys()) - set(self.keys()))
         if missing:
             raise CheckpointError(f"{path}: tensors missing compared with the base model: {', '.join(missing[:5])}")

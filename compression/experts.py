@@ -13,9 +13,10 @@ def read_expert_state(manifest, t: int) -> dict[str, torch.Tensor]:
     """
     from compression.build import CheckpointSources
 
-    base = LazyState(manifest.base)
+    config = load_config(manifest.base)
+    base = LazyState(manifest.base, config)
     expert = open_expert(manifest.experts[t].source, base)
-    src = CheckpointSources(base, [expert], load_config(manifest.base), untie=manifest.untied_head)
+    src = CheckpointSources(base, [expert], config, untie=manifest.untied_head)
     return {k: src.read(expert, k) for k in src.keys}
 
 
@@ -23,7 +24,8 @@ def expert_tensors(manifest, t: int):
     """A reader name -> θ_t[name] for expert t (tensor by tensor; a PEFT adapter merged per tensor)."""
     from compression.build import CheckpointSources
 
-    base = LazyState(manifest.base)
+    config = load_config(manifest.base)
+    base = LazyState(manifest.base, config)
     expert = open_expert(manifest.experts[t].source, base)
-    src = CheckpointSources(base, [expert], load_config(manifest.base), untie=manifest.untied_head)
+    src = CheckpointSources(base, [expert], config, untie=manifest.untied_head)
     return lambda name: src.read(expert, name)

@@ -97,7 +97,7 @@ def estimate(recipe: Recipe, threads: int | None = None, shard_bytes: int = 1 <<
     from .merging import MERGE_METHODS
 
     config = load_config(recipe.base)
-    base = LazyState(recipe.base)
+    base = LazyState(recipe.base, config)
     experts = [open_expert(e.path, base) for e in recipe.experts]
     src = CheckpointSources(base, experts, config)
     T = len(experts)

@@ -57,10 +57,17 @@ def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
     for k in MOE_TOPK:
         if isinstance(getattr(cfg, k, None), int):
             setattr(cfg, k, min(2, getattr(cfg, k)))
+    if any(getattr(cfg, k, None) for k in MOE_COUNTS) and getattr(cfg, "num_experts_per_tok", 0) is None:
+        cfg.num_experts_per_tok = 2
     for k in MOE_SIZES:
         _set(cfg, k, 64)
+    for k in ("n_group", "topk_group"):      # grouped expert routing (DeepSeek): one group of all experts
+        if isinstance(getattr(cfg, k, None), int):
+            setattr(cfg, k, 1)
     for k, v in MLA.items():
         _set(cfg, k, v)
+    if getattr(cfg, "qk_rope_head_dim", None) is not None and getattr(cfg, "head_dim", None) is not None:
+        cfg.head_dim = cfg.qk_rope_head_dim      # MLA: the rotary part is what head_dim sizes
     if isinstance(getattr(cfg, "sliding_window", None), int):
         cfg.sliding_window = 8
     if getattr(cfg, "max_position_embeddings", None):
@@ -182,7 +189,11 @@ def probe_kinds(config: PretrainedConfig, kinds: set[str] | None, recipe, workdi
         except Exception as e:  # noqa: BLE001 (the tiny config does not round-trip: our shrink, not the model)
             raise ProbeSkipped(f"{type(e).__name__}: {str(e)[:200]}") from None
         from compression.checkpoints import LazyState
-        state = LazyState(base)
+        state = LazyState(base)                     # the checkpoint's own keys, as a user's experts store them
+        layout = LazyState(base, tiny).layout
+        model_name = {} if layout is None else (
+            {raw: name for name, raw in layout.simple.items()}
+            | {piece: name for name, f in layout.fused.items() for piece in f.pieces})
         specs = []
         for t in range(2):
             g = torch.Generator().manual_seed(100 + t)
@@ -191,7 +202,7 @@ def probe_kinds(config: PretrainedConfig, kinds: set[str] | None, recipe, workdi
             tensors = {}
             for k in state.keys():  # noqa: SIM118 (LazyState is not a dict)
                 w = state.get(k)
-                if kinds is None or _layer_pattern(k) in kinds:
+                if kinds is None or _layer_pattern(model_name.get(k, k)) in kinds:
                     w = w + 0.05 * torch.randn(w.shape, generator=g).to(w.dtype)
                 tensors[k] = w.contiguous()
             save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -125,7 +125,7 @@ def probe_recipe(recipe, phase) -> None:
     from compression.checkpoints import LazyState, load_config, open_expert
     from compression.probe import ProbeSkipped, probe
     config = load_config(recipe.base)
-    base = LazyState(recipe.base)
+    base = LazyState(recipe.base, config)
     experts = [open_expert(e.path, base) for e in recipe.experts]
     try:
         probe(config, experts, recipe)

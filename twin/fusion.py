@@ -132,10 +132,11 @@ def use_grouped(x: torch.Tensor, d: LowRankDeltas, w: ExpertWeights) -> bool:
 
 def scale_by_expert(h: torch.Tensor, w: torch.Tensor | ExpertWeights, idx: torch.Tensor,
                     offsets: tuple[int, ...] = ()) -> torch.Tensor:
-    """h ⊙ w[:, idx]: the shrunk activations h = A_cat x, (N, [S,] R), each rank column scaled by its
-    expert's weight in that row (w (N, T); an ExpertWeights reuses one gather per forward)."""
+    """h ⊙ w[:, idx]: the shrunk activations h = A_cat x, (N, …, R), each rank column scaled by its
+    expert's weight in that row (w (N, T); an ExpertWeights reuses one gather per forward). Any middle dims
+    (a sequence, or MLA's (1, S)) broadcast."""
     scale = w.columns(idx, offsets) if isinstance(w, ExpertWeights) else w[:, idx]    # (N, R)
-    return h * (scale.unsqueeze(1) if h.ndim == 3 else scale)
+    return h * scale.view(scale.shape[0], *([1] * (h.ndim - 2)), scale.shape[1])
 
 
 def _scaled_shrink(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:

@@ -82,26 +82,37 @@ def supported_summary() -> str:
 
 # ---- per-step state ----------------------------------------------------------------------------------
 class SlotCache:
-    """Keys/values per layer, one slot per running sequence: k[layer] is (slots, kv_heads, max_seq, head_dim).
+    """Keys/values per attention call, one slot per running sequence: k[i] is (slots, kv_heads, max_seq, head_dim).
 
-    Layers are allocated on their first write, with the shape and dtype of the keys that layer produces,
-    so architectures with unusual head layouts need no table here.
+    Entries are allocated on their first write, with the shapes and dtype of the keys and of the values that
+    call produces (values may have another head size than keys, as MLA's), so architectures with unusual head
+    layouts need no table here. A layer that calls attention more than once per forward (DiffLlama) gets one
+    entry per call: ``layer(i, …, call=n)``.
     """
 
     def __init__(self, num_layers: int, slots: int, max_seq: int, device=None, dtype=torch.float32):
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.extra: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (layer, call >= 1) -> (k, v)
         self.slots, self.max_seq, self.device, self.dtype = slots, max_seq, device, dtype
 
     def buffers(self):
         """The allocated key/value tensors (memory accounting)."""
-        return (t for t in self.k + self.v if t is not None)
+        return (t for t in self.k + self.v + [x for kv in self.extra.values() for x in kv] if t is not None)
 
-    def layer(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _new(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((self.slots, like.shape[1], self.max_seq, like.shape[3]), device=like.device,
+                           dtype=like.dtype)
+
+    def layer(self, i: int, like: torch.Tensor, like_v: torch.Tensor | None = None,
+              call: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        like_v = like if like_v is None else like_v
+        if call:
+            if (i, call) not in self.extra:
+                self.extra[(i, call)] = (self._new(like), self._new(like_v))
+            return self.extra[(i, call)]
         if self.k[i] is None:
-            shape = (self.slots, like.shape[1], self.max_seq, like.shape[3])
-            self.k[i] = torch.zeros(shape, device=like.device, dtype=like.dtype)
-            self.v[i] = torch.zeros(shape, device=like.device, dtype=like.dtype)
+            self.k[i], self.v[i] = self._new(like), self._new(like_v)
         return self.k[i], self.v[i]
 
 
@@ -188,6 +199,7 @@ class StepContext:
     masks: dict | None = None                # sliding window (None = full) -> (N, 1, S, L) bool
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == lo..hi-1 in order: cache views, no gather
     flat: FlatBatch | None = None            # set by HFTwinModel.step: the unified layout
+    calls: dict = field(default_factory=dict)  # id(attention module) -> calls so far in this forward
 
     def mask(self, window: int | None) -> torch.Tensor:
         m = self.masks.get(window)
@@ -212,7 +224,9 @@ def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
             raise UnsupportedModelError(f"{type(module).__name__} passes {name!r} to its attention kernel; "
                                         f"twinserve's slot-cache attention does not implement it")
     ctx: StepContext = module._twin_ctx
-    k_cache, v_cache = ctx.cache.layer(module.layer_idx, key)
+    call = ctx.calls.get(id(module), 0)          # the n-th attention call of this module in this forward
+    ctx.calls[id(module)] = call + 1
+    k_cache, v_cache = ctx.cache.layer(module.layer_idx, key, value, call)
     if ctx.flat is not None:
         return _flat_attention(ctx.flat, k_cache, v_cache, query, key, value, scaling, sliding_window, softcap)
     slots = ctx.slots
@@ -271,8 +285,8 @@ def _decode_attend(query, keys, values, mask, scaling, softcap):
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype) @ values           # (K, Hkv, rep, D)
-    return out.reshape(k, h, 1, dim)
+    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype) @ values           # (K, Hkv, rep, Dv)
+    return out.reshape(k, h, 1, values.shape[-1])
 
 
 def _window_mask(q_pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
@@ -294,7 +308,7 @@ def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scalin
     k_cache[flat.slots[:n], :, flat.positions[:n]] = key[:n, :, 0]  # (M, Hkv, D)
     v_cache[flat.slots[:n], :, flat.positions[:n]] = value[:n, :, 0]
     pure_decode = not flat.segments and n == query.shape[0]         # every token decodes: no scatter
-    out = None if pure_decode else query.new_zeros(query.shape)     # (M, H, 1, D)
+    out = None if pure_decode else query.new_zeros((*query.shape[:3], value.shape[-1]))   # (M, H, 1, Dv)
     if flat.decode is not None:
         d = flat.decode
         length = flat.decode_length
@@ -718,7 +732,7 @@ class HFTwinModel(nn.Module):
         """
         ctx = self.ctx
         w = self._weights(w)
-        ctx.w, ctx.cache, ctx.slots, ctx.positions = w, cache, slots, positions
+        ctx.w, ctx.cache, ctx.slots, ctx.positions, ctx.calls = w, cache, slots, positions, {}
         ctx.length, ctx.masks = int(positions.max()) + 1, {}
         ctx.slot_range = _as_range(slots)
         try:
@@ -746,7 +760,7 @@ class HFTwinModel(nn.Module):
         """
         ctx = self.ctx
         w = self._weights(w)
-        ctx.w, ctx.cache, ctx.flat = w, cache, flat
+        ctx.w, ctx.cache, ctx.flat, ctx.calls = w, cache, flat, {}
         try:
             h = self.base(input_ids=flat.tokens[:, None], position_ids=flat.positions[:, None],
                           use_cache=False).last_hidden_state                      # (M, 1, H)
@@ -777,7 +791,7 @@ class HFTwinModel(nn.Module):
         to the longest prompt), no experts.
         """
         ctx = self.ctx
-        ctx.w, ctx.cache, ctx.flat = None, cache, flat
+        ctx.w, ctx.cache, ctx.flat, ctx.calls = None, cache, flat, {}
         try:
             return self._hidden_after(flat.tokens[:, None], flat.positions[:, None], num_layers)[:, 0]
         finally:
