@@ -243,7 +243,7 @@ class PeftExpert:
                 raise CheckpointError(f"{path}: {module} lora_A has rank {r}, adapter_config.json says {want_r}")
             alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha0))
             self.scales[name] = alpha / (r ** 0.5) if self.rslora else alpha / r
-            got = self._lora_product(parts).shape
+            got = self._lora_shape(parts)
             want = base.shape(name)
             if tuple(got) != tuple(want):
                 raise _shape_error(path, f"base_model.model.{module}.lora_A/B", got, name, want)
@@ -259,6 +259,13 @@ class PeftExpert:
             if rows.shape != (len(idx), hidden) or (len(idx) and int(idx.max()) >= vocab):
                 raise _shape_error(path, f"trainable_tokens_delta (token ids up to {int(idx.max())})",
                                    rows.shape, name, (vocab, hidden))
+
+    def _lora_shape(self, parts: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """The shape of B A in the base weight's layout, from the factors' shapes (nothing multiplied)."""
+        if "EA" in parts:
+            return parts["EA"].shape[1], parts["EB"].shape[0]
+        shape = (parts["B"].shape[0], parts["A"].shape[1])
+        return shape[::-1] if self.fan_in_fan_out else shape
 
     def _lora_product(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """B A in the base weight's layout (unscaled)."""
