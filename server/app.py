@@ -13,11 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from twin import __version__
 
-from .errors import APIError, InternalError
+from .errors import APIError, InternalError, PayloadTooLarge
 from .settings import Settings
 
 log = logging.getLogger("twinserve")
@@ -75,8 +77,10 @@ def _field_path(loc) -> list[str]:
 class CountRequests:
     """Pure ASGI middleware counting requests by route and status.
 
-    Unlike ``@app.middleware("http")`` it passes ``receive`` through untouched, so a handler's
-    ``request.is_disconnected()`` sees the client go away and a non-streaming request is cancelled.
+    Unlike ``@app.middleware("http")`` it passes every ``receive`` message through unchanged, so a handler's
+    ``request.is_disconnected()`` sees the client go away and a non-streaming request is cancelled. A request
+    whose client disconnected before its response was complete is counted as status "499" (nginx's "client
+    closed request"), whatever status its response started with (a stream starts with 200).
     """
 
     def __init__(self, app: ASGIApp):
@@ -86,20 +90,62 @@ class CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = [500]
+        state = {"status": 500, "complete": False, "gone": False}
+
+        async def watch_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["complete"]:
+                state["gone"] = True
+            return message
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                state["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, watch_receive, send_status)
+        except (ClientDisconnect, OSError):   # ASGI 2.4 servers: a send to a gone client raises
+            state["gone"] = True
+            raise
         finally:
             metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
             if metrics is not None:
                 route = scope.get("route")
-                metrics.requests.labels(getattr(route, "path", "unmatched"), str(status[0])).inc()
+                status = "499" if state["gone"] else str(state["status"])
+                metrics.requests.labels(getattr(route, "path", "unmatched"), status).inc()
+
+
+class LimitBody:
+    """Pure ASGI middleware: a request body over ``max_bytes`` (by Content-Length, or counted as it arrives
+    when chunked) raises a 413 HTTPException from the route's body read, so the app's handler answers it
+    in OpenAI's shape. (starlette's own limit answers 413 in plain text.)"""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            if too_large:
+                raise StarletteHTTPException(413)
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -141,6 +187,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)  # unknown path, wrong method, unparsable body: OpenAI shape too
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 413:   # LimitBody, raised while the route reads the body
+            limit = settings.max_request_bytes
+            return JSONResponse(PayloadTooLarge(f"request body exceeds the server's limit of {limit} bytes "
+                                                f"({limit / 2**20:g} MiB; TWINSERVE_MAX_REQUEST_BYTES / "
+                                                "--max-request-bytes)").body(), status_code=413)
         body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
@@ -149,7 +200,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(InternalError(f"internal error ({type(exc).__name__})").body(), status_code=500)
 
+    app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)   # inside CountRequests: 413s counted
     app.add_middleware(CountRequests)
+    if settings.allowed_origins:   # CORS off by default; outermost, so error responses carry its headers too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers)
 
     from .routes import router
     app.include_router(router)

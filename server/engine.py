@@ -109,13 +109,15 @@ class Engine:
         self._task = asyncio.create_task(self._loop(), name="twinserve-engine")
 
     async def stop(self, drain_s: float | None = None) -> None:
-        """Stop admitting, let in-flight requests finish (up to drain_s), then stop the loop."""
+        """Stop admitting, let in-flight requests finish (up to drain_s), then stop the loop.
+
+        While draining, ``accepting`` is False and ``ready`` still True (/ready answers 503 "draining")."""
         self.accepting = False
-        self.ready = False
         drain_s = self.settings.drain_timeout_s if drain_s is None else drain_s
         t_end = time.monotonic() + drain_s
         while not self.scheduler.idle and time.monotonic() < t_end:
             await asyncio.sleep(0.05)
+        self.ready = False
         if self._task is not None:
             self._task.cancel()
             try:

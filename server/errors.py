@@ -40,6 +40,22 @@ class NotFound(APIError):
     code = "model_not_found"
 
 
+class ClientDisconnected(APIError):
+    """Not sent to anyone (the client is gone); /metrics counts the request under status 499."""
+    status = 499
+    code = "client_disconnected"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class QueueFull(APIError):
     status = 429
     type = "rate_limit_error"

@@ -6,11 +6,13 @@ to the engine's plain-data specs (server/specs.py); nothing here imports torch.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+import math
+import re
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, NotFound, UnsupportedMediaType
 from .specs import RoutingSpec, SamplingParams
 
 MAX_LOGPROBS = 20
@@ -21,23 +23,80 @@ def _drop_none(v: Any) -> bool:
     return v is None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_at(v: Any, path: str) -> str | None:
+    """The field path of the first string (value or key) in raw request data holding a lone UTF-16
+    surrogate ("\\ud83d" without its pair: valid JSON, but no UTF-8 encoding exists), else None."""
+    if isinstance(v, str):
+        return path if _SURROGATE.search(v) else None
+    if isinstance(v, dict):
+        for k, x in v.items():
+            key = str(k).encode("utf-8", "backslashreplace").decode("utf-8")   # printable in the error
+            sub = f"{path}.{key}" if path else key
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return path or sub
+            bad = _lone_surrogate_at(x, sub)
+            if bad is not None:
+                return bad
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            if isinstance(x, (str, dict, list)):
+                bad = _lone_surrogate_at(x, f"{path}.{i}" if path else str(i))
+                if bad is not None:
+                    return bad
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: any string in it must be encodable as UTF-8 (400 naming the field, not a 500 later)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data: Any) -> Any:
+        if isinstance(data, (bytes, str)):   # FastAPI hands over the raw body when it was not sent as JSON
+            raise UnsupportedMediaType("the request body was not read as JSON: its Content-Type is not "
+                                       "application/json (curl -d sends application/x-www-form-urlencoded; add "
+                                       "-H 'Content-Type: application/json')", param=None)
+        if isinstance(data, dict):
+            bad = _lone_surrogate_at(data, "")
+            if bad is not None:
+                raise BadRequest(f"{bad}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                                 "which is not valid Unicode text", param=bad)
+        return data
+
+
+StrictFloat = Annotated[float, Field(strict=True)]   # JSON numbers only: no "1", no true
+
+
 class TwinOptions(BaseModel):
     """Override or tune the routing of one request."""
     model_config = ConfigDict(extra="forbid")
 
-    experts: dict[str, float] | None = Field(None, description="explicit expert weights (normalised to sum 1)")
+    experts: dict[str, StrictFloat] | None = Field(None, description="explicit expert weights: numbers >= 0, "
+                                                   "at least one > 0 (normalised to sum 1)")
     expert: str | None = Field(None, description="pin one expert (weight 1)")
     top_k: int | None = Field(None, ge=1, le=1024, description="keep the router's k largest weights")
     temperature: float | None = Field(None, gt=0, le=100, description="router softmax temperature")
+
+    @field_validator("experts")
+    @classmethod
+    def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        bad = [k for k, x in v.items() if not (math.isfinite(x) and x >= 0)]
+        if bad:
+            raise ValueError(f"twin.experts weights must be finite and >= 0 (bad: {', '.join(bad)})")
+        if not any(x > 0 for x in v.values()):
+            raise ValueError("twin.experts must give at least one expert a weight > 0 (to serve the backbone "
+                             "alone, use --mode backbone)")
+        return v
 
     @model_validator(mode="after")
     def _one_override(self) -> TwinOptions:
         if self.experts is not None and self.expert is not None:
             raise ValueError("give either twin.experts or twin.expert, not both")
-        if self.experts is not None:
-            bad = [k for k, v in self.experts.items() if not (v >= 0) or v == float("inf")]
-            if bad:
-                raise ValueError(f"twin.experts weights must be finite and >= 0 (bad: {', '.join(bad)})")
         return self
 
 
@@ -46,7 +105,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = Field(None, description="send a last chunk with usage and no choices")
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
     model_config = ConfigDict(extra="ignore")
 
@@ -56,13 +115,15 @@ class SamplingFields(BaseModel):
                                                "with echo (score the prompt, generate nothing)")
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000, description="overrides max_tokens")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 1")
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="default 1; 0 = greedy (only the most likely "
+                                                                "token, as vLLM)")
     top_k: int | None = Field(None, ge=-1, le=1_000_000, description="0 or -1 = off")
     n: int | None = Field(None, ge=1, le=128, description="choices per prompt (default 1)")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="choice i of a prompt samples with seed + i")
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1, description="any signed 64-bit integer; choice i of a "
+                             "prompt samples with seed + i")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
@@ -89,8 +150,9 @@ class SamplingFields(BaseModel):
         if len(v) > 300:
             raise ValueError("at most 300 logit_bias entries")
         for k, b in v.items():
-            if not k.isdigit():
-                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {k!r}")
+            if not (k.isascii() and k.isdigit() and len(k) <= 20):   # int() would accept "٣" and " 3"
+                raise ValueError(f"keys must be token ids (non-negative integers in ASCII digits, as strings), "
+                                 f"got {k!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"bias of token {k} must be in [-100, 100], got {b}")
         return v
@@ -109,17 +171,24 @@ class SamplingFields(BaseModel):
     # ---- conversions to the engine's specs ------------------------------------------------------
     def routing_spec(self, model_name: str, experts: list[str]) -> RoutingSpec:
         """``model`` ("name" or "name:expert") and ``twin`` -> RoutingSpec; NotFound / BadRequest name the field."""
-        base, _, pinned = self.model.partition(":")
         ids = [model_name] + [f"{model_name}:{n}" for n in experts]
-        if base != model_name:
+        if self.model == model_name:
+            pinned = None
+        elif self.model.startswith(model_name + ":"):
+            pinned = self.model[len(model_name) + 1:]
+            if not pinned:
+                raise BadRequest(f"model {self.model!r} names no expert after ':'; use {model_name!r} or one of "
+                                 f"{', '.join(ids[1:])}", param="model")
+        else:
             raise NotFound(f"model {self.model!r} does not exist; available: {', '.join(ids)}", param="model")
         twin = self.twin
-        if pinned:
+        if pinned is not None:
             if pinned not in experts:
                 raise NotFound(f"model {self.model!r}: unknown expert {pinned!r} (experts: {', '.join(experts)})",
                                param="model")
             if twin is not None and (twin.experts is not None or twin.expert is not None):
                 raise BadRequest("pin an expert either in model or in twin, not both", param="twin")
+            _no_router_options(twin, f"model {self.model!r} pins an expert")
             return RoutingSpec(weights=_one_hot(experts, pinned))
         if twin is None:
             return RoutingSpec()
@@ -127,19 +196,19 @@ class SamplingFields(BaseModel):
             if twin.expert not in experts:
                 raise BadRequest(f"twin.expert: unknown expert {twin.expert!r} (experts: {', '.join(experts)})",
                                  param="twin.expert")
+            _no_router_options(twin, "twin.expert pins an expert")
             return RoutingSpec(weights=_one_hot(experts, twin.expert))
         if twin.experts is not None:
             unknown = [k for k in twin.experts if k not in experts]
             if unknown:
                 raise BadRequest(f"twin.experts: unknown expert(s) {', '.join(unknown)} "
                                  f"(experts: {', '.join(experts)})", param="twin.experts")
+            _no_router_options(twin, "twin.experts sets the weights")
             w = [float(twin.experts.get(n, 0.0)) for n in experts]
-            top = max(w)
-            if top > 0:  # scaled by the max first: huge weights must not overflow the sum
-                w = [x / top for x in w]
-                total = sum(w)
-                w = [x / total for x in w]
-            return RoutingSpec(weights=tuple(w))
+            top = max(w)   # > 0: the validator refuses all-zero weights
+            w = [x / top for x in w]   # scaled by the max first: huge weights must not overflow the sum
+            total = sum(w)
+            return RoutingSpec(weights=tuple(x / total for x in w))
         if twin.top_k is not None and twin.top_k > len(experts):
             raise BadRequest(f"twin.top_k must be <= the number of experts ({len(experts)})", param="twin.top_k")
         return RoutingSpec(top_k=twin.top_k, temperature=twin.temperature)
@@ -150,9 +219,9 @@ class SamplingFields(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(0, self.top_k or 0),
-            seed=None if self.seed is None else (self.seed + choice) % 2**63,
+            top_p=1.0 if not self.top_p else self.top_p,     # top_p 0: greedy, as top_k 1
+            top_k=1 if self.top_p == 0 else max(0, self.top_k or 0),
+            seed=None if self.seed is None else (self.seed + choice) % 2**64,   # -1 and 2**63-1 differ
             stop=list(self.stop or []),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
@@ -160,6 +229,14 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+
+
+def _no_router_options(twin: TwinOptions | None, why: str) -> None:
+    """twin.top_k / twin.temperature tune the router; refused when the request fixes the weights itself."""
+    for name in ("top_k", "temperature"):
+        if twin is not None and getattr(twin, name) is not None:
+            raise BadRequest(f"twin.{name} cannot apply: {why}, so the router does not run; drop twin.{name}",
+                             param=f"twin.{name}")
 
 
 def _one_hot(names: list[str], name: str) -> tuple[float, ...]:
@@ -465,13 +542,15 @@ class ModelList(BaseModel):
 
 # ---- /tokenize, /detokenize (vLLM's shapes) ---------------------------------------------------------
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     """Either ``prompt`` (completion form) or ``messages`` (chat form, rendered with the chat template)."""
     model_config = ConfigDict(extra="ignore")
     model: str | None = Field(None, max_length=256)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = Field(None, description="default: true for prompt, false for messages")
+    add_special_tokens: bool | None = Field(None, description="default: true for prompt; for messages, false when "
+                                            "the chat template is used (it writes its own <bos>), as the chat "
+                                            "endpoint counts them")
     add_generation_prompt: bool | None = Field(None, description="chat form; default true")
     return_token_strs: bool | None = False
 
@@ -479,6 +558,8 @@ class TokenizeRequest(BaseModel):
     def _one_form(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise BadRequest("give exactly one of prompt or messages", param="prompt")
+        if self.messages is not None and not self.messages:
+            raise BadRequest("messages must hold at least one message", param="messages")
         return self
 
 
@@ -489,7 +570,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str | None = Field(None, max_length=256)
     tokens: list[int]

@@ -1,6 +1,8 @@
 """Thin HTTP routes: parse -> service/engine -> shape the OpenAI response."""
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -11,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .errors import APIError, Unauthorized
+from .errors import APIError, NotFound, Unauthorized
 from .protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -39,7 +41,7 @@ from .protocol import (
 )
 from .service import Call, Piece, Service
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
 router = APIRouter()
 
 
@@ -51,8 +53,13 @@ ServiceDep = Annotated[Service, Depends(service)]
 
 
 async def check_api_key(request: Request) -> None:
+    """Authorization: Bearer KEY when an API key is set; the scheme is case-insensitive (RFC 9110 11.1), the
+    key is compared in constant time."""
     key = request.app.state.settings.api_key
-    if key and request.headers.get("authorization", "") != f"Bearer {key}":
+    if not key:
+        return
+    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
         raise Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")
 
 
@@ -117,7 +124,8 @@ async def _stream(svc: Service, call: Call, http: Request, chat: bool, model: st
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS,
              dependencies=[Depends(check_api_key)], tags=["openai"])
 async def completions(body: CompletionRequest, http: Request, svc: ServiceDep):
-    call = svc.completion_call(body)
+    prompts = await asyncio.to_thread(svc.completion_prompts, body)   # a huge prompt must not block the loop
+    call = svc.completion_call(body, prompts)
     if body.stream:
         return await _stream(svc, call, http, False, body.model, body.include_usage)
     results = await svc.collect(call, http.is_disconnected)
@@ -133,7 +141,8 @@ async def completions(body: CompletionRequest, http: Request, svc: ServiceDep):
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS,
              dependencies=[Depends(check_api_key)], tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, http: Request, svc: ServiceDep):
-    call = svc.chat_call(body)
+    prompt = await asyncio.to_thread(svc.chat_encode, body.messages)
+    call = svc.chat_call(body, prompt)
     if body.stream:
         return await _stream(svc, call, http, True, body.model, body.include_usage)
     results = await svc.collect(call, http.is_disconnected)
@@ -151,10 +160,12 @@ async def tokenize(body: TokenizeRequest, svc: ServiceDep):
     """Token ids as the server counts them (vLLM's shape); ``messages`` are rendered with the chat template."""
     if body.model is not None:
         svc.check_model(body.model)
-    add = True if body.add_special_tokens is None else body.add_special_tokens
-    text = body.prompt if body.prompt is not None else svc.chat_prompt(
-        body.messages, add_generation_prompt=body.add_generation_prompt is not False)
-    ids = svc.tokenizer.encode(text, add_special_tokens=add)
+    if body.prompt is not None:
+        add = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = await asyncio.to_thread(svc.encode, body.prompt, add)
+    else:   # exactly the ids a chat completion of these messages is given (and billed for)
+        ids = (await asyncio.to_thread(svc.chat_encode, body.messages, body.add_generation_prompt is not False,
+                                       body.add_special_tokens)).ids
     return TokenizeResponse(count=len(ids), max_model_len=svc.engine.max_len, tokens=ids,
                             token_strs=[svc.token_text(t) for t in ids] if body.return_token_strs else None)
 
@@ -164,8 +175,10 @@ async def tokenize(body: TokenizeRequest, svc: ServiceDep):
 async def detokenize(body: DetokenizeRequest, svc: ServiceDep):
     if body.model is not None:
         svc.check_model(body.model)
-    svc.check_ids(body.tokens, "tokens")
-    return DetokenizeResponse(prompt=svc.tokenizer.decode(body.tokens, skip_special_tokens=True))
+    def decode() -> str:
+        svc.check_ids(body.tokens, "tokens")
+        return svc.tokenizer.decode(body.tokens, skip_special_tokens=True)
+    return DetokenizeResponse(prompt=await asyncio.to_thread(decode))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(check_api_key)],
@@ -173,6 +186,16 @@ async def detokenize(body: DetokenizeRequest, svc: ServiceDep):
 async def models(http: Request, svc: ServiceDep):
     created = http.app.state.created
     return {"object": "list", "data": [ModelCard(id=m, created=created) for m in svc.model_ids()]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS,
+            dependencies=[Depends(check_api_key)], tags=["openai"])
+async def model(model_id: str, http: Request, svc: ServiceDep):
+    """One model (openai's client.models.retrieve); 404 for an unknown id."""
+    if model_id not in svc.model_ids():
+        raise NotFound(f"model {model_id!r} does not exist; available: {', '.join(svc.model_ids())}",
+                       param="model")
+    return ModelCard(id=model_id, created=http.app.state.created)
 
 
 @router.get("/health", tags=["ops"])
@@ -186,6 +209,9 @@ async def ready(http: Request):
     if engine is None or not engine.ready:
         return JSONResponse({"error": {"message": "not ready", "type": "server_error", "param": None,
                                        "code": "not_ready"}}, status_code=503)
+    if not engine.accepting:   # draining for shutdown: in-flight requests finish, new ones get 503
+        return JSONResponse({"error": {"message": "draining: the server is shutting down", "type": "server_error",
+                                       "param": None, "code": "draining"}}, status_code=503)
     return {"status": "ready", **engine.load}
 
 
@@ -194,7 +220,7 @@ async def metrics(http: Request):
     return Response(generate_latest(http.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/stats", tags=["ops"])
+@router.get("/v1/stats", tags=["ops"], dependencies=[Depends(check_api_key)])
 async def stats(http: Request, window: float = 60.0):
     svc: Service = http.app.state.service
     window = min(max(window, 5.0), 300.0)

@@ -55,6 +55,22 @@ def setting_help(name: str) -> str:
     return text.replace("%", "%%")   # argparse %-formats help strings
 
 
+def str_list(value: str) -> list[str]:
+    """A list flag: a JSON list ('["https://a.example", "https://b.example"]', as vLLM takes it) or
+    comma-separated values."""
+    import json
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return items
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def register(sub) -> None:
     lines = [f"  TWINSERVE_{name.upper():<22} {setting_help(name).replace('%%', '%')}"
              for name in Settings.model_fields]
@@ -77,4 +93,8 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=None, help=setting_help("max_queue"))
     p.add_argument("--api-key", default=None, help=setting_help("api_key"))
     p.add_argument("--model-name", default=None, help=setting_help("model_name"))
+    p.add_argument("--allowed-origins", type=str_list, default=None, help=setting_help("allowed_origins"))
+    p.add_argument("--allowed-methods", type=str_list, default=None, help=setting_help("allowed_methods"))
+    p.add_argument("--allowed-headers", type=str_list, default=None, help=setting_help("allowed_headers"))
+    p.add_argument("--max-request-bytes", type=int, default=None, help=setting_help("max_request_bytes"))
     p.set_defaults(fn=cmd_serve)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from twin.generate import encode_prompt
 
 from .engine import Engine, Request
-from .errors import APIError, BadRequest, ContextLengthExceeded, NotFound
+from .errors import APIError, BadRequest, ClientDisconnected, ContextLengthExceeded, NotFound
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, Entry, SamplingFields
 from .sampling import TokenLogprob, detokenize_step
 from .settings import Settings
@@ -102,13 +102,40 @@ class Service:
     def routing_spec(self, body: SamplingFields) -> RoutingSpec:
         return body.routing_spec(self.model_name, self.names)
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The rendered chat prompt. A chat template writes its own special tokens (``{{ bos_token }}``);
+        the plain fallback ("role: content" lines) does not: see ``chat_encode``."""
         msgs = [{"role": m.role, "content": m.text} for m in messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+        if self.has_chat_template:
+            from jinja2 import TemplateError  # what apply_chat_template renders with
+            try:
+                return self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
+            except (TemplateError, ValueError) as e:   # raise_exception("roles must alternate ..."), bad templates
+                raise BadRequest(f"messages: the chat template refused them: {e}", param="messages") from None
         return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + ("assistant:" if add_generation_prompt
                                                                              else "")
+
+    def chat_encode(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    add_special_tokens: bool | None = None) -> Prompt:
+        """Rendered and encoded as transformers' apply_chat_template(tokenize=True) does: a template's text
+        is encoded without adding special tokens again (no second <bos>); the fallback gets the tokenizer's
+        usual ones. Blocking (template + tokenizer): routes call it off the event loop."""
+        text = self.chat_prompt(messages, add_generation_prompt)
+        add = (not self.has_chat_template) if add_special_tokens is None else add_special_tokens
+        return Prompt(self.encode(text, add, "messages"), text)
+
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        try:
+            if add_special_tokens:
+                return encode_prompt(self.tokenizer, text)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        except (TypeError, UnicodeError) as e:   # text no tokenizer takes (the protocol already refuses
+            raise BadRequest(f"{param}: cannot be tokenized ({e})", param=param) from None   # lone surrogates)
 
     def check_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -118,7 +145,7 @@ class Service:
 
     def prompt(self, p: str | list[int], param: str = "prompt") -> Prompt:
         if isinstance(p, str):
-            return Prompt(encode_prompt(self.tokenizer, p), p)
+            return Prompt(self.encode(p, True, param), p)
         self.check_ids(p, param)
         return Prompt(list(p), self.tokenizer.decode(p, skip_special_tokens=True))
 
@@ -144,8 +171,12 @@ class Service:
         return asked
 
     # ---- calls ------------------------------------------------------------------------------------
-    def completion_call(self, body: CompletionRequest) -> Call:
-        prompts = [self.prompt(p) for p in body.prompts]
+    def completion_prompts(self, body: CompletionRequest) -> list[Prompt]:
+        """Encoded prompts (blocking: routes call it off the event loop)."""
+        return [self.prompt(p) for p in body.prompts]
+
+    def completion_call(self, body: CompletionRequest, prompts: list[Prompt] | None = None) -> Call:
+        prompts = self.completion_prompts(body) if prompts is None else prompts
         n = body.choices_per_prompt
         per_prompt = max(n, body.best_of or n)
         report = body.logprobs is not None
@@ -153,8 +184,8 @@ class Service:
         prompt_lp = body.logprobs if report and body.echo else None
         return self._call(body, prompts, n, per_prompt, logprobs, prompt_lp, bool(body.echo), report, "prompt")
 
-    def chat_call(self, body: ChatCompletionRequest) -> Call:
-        prompt = self.prompt(self.chat_prompt(body.messages))
+    def chat_call(self, body: ChatCompletionRequest, prompt: Prompt | None = None) -> Call:
+        prompt = self.chat_encode(body.messages) if prompt is None else prompt
         n = body.choices_per_prompt
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return self._call(body, [prompt], n, n, logprobs, None, False, bool(body.logprobs), "messages")
@@ -251,7 +282,7 @@ class Service:
             else:
                 done[p.index] = p
         if len(done) < len(call.requests):  # the client went away
-            raise BadRequest("client disconnected")
+            raise ClientDisconnected("client disconnected")
         call.completion_tokens = sum(d.completion_tokens for d in done.values())
         results = [ChoiceResult(i, "".join(texts[i]), entries[i], done[i].finish_reason, done[i].prompt_tokens,
                                 done[i].completion_tokens, routing[i]) for i in range(len(call.requests))]

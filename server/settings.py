@@ -43,5 +43,14 @@ class Settings(BaseSettings):
     router_top_k: int | None = Field(None, ge=1, description="override the router's top-k")
     router_temperature: float | None = Field(None, gt=0, description="override the router's temperature")
     api_key: str | None = Field(None, description="require Authorization: Bearer <key> on /v1/*")
+    allowed_origins: list[str] = Field(default_factory=list, description="CORS: origins allowed to call the API "
+                                       "from a browser, a JSON list such as [\"https://app.example\"] (\"*\" = any); "
+                                       "empty = CORS off (default: [])")
+    allowed_methods: list[str] = Field(default_factory=lambda: ["*"], description="CORS: allowed methods, a JSON "
+                                       "list (default: [\"*\"])")
+    allowed_headers: list[str] = Field(default_factory=lambda: ["*"], description="CORS: allowed request headers, "
+                                       "a JSON list (default: [\"*\"])")
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body in bytes; larger "
+                                   "ones get 413 (default: 8 MiB)")
     verify_artifact: bool = Field(True, description="check artifact checksums at startup")
     log_level: str = Field("info", description="uvicorn log level")

@@ -153,7 +153,7 @@ def test_unknown_path_and_wrong_method_are_openai_shaped(client):
     ({"model": "tiny", "prompt": "hi", "n": 0}, "n", "n"),
     ({"model": "tiny", "prompt": "hi", "n": 3, "best_of": 2}, "best_of", "must be >= n"),
     ({"model": "tiny", "prompt": "hi", "n": 1, "best_of": 2, "stream": True}, "best_of", "stream"),
-    ({"model": "tiny", "prompt": "hi", "top_p": 0}, "top_p", "top_p"),
+    ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, "top_p", "top_p"),    # 0 is allowed: greedy
     ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": 2_000_000}, "max_tokens", "max_tokens"),
     ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "4 stop"),
@@ -163,7 +163,7 @@ def test_unknown_path_and_wrong_method_are_openai_shaped(client):
     ({"model": "tiny", "prompt": "hi", "logit_bias": {"99": 1}}, "logit_bias", "vocabulary"),
     ({"model": "tiny", "prompt": "hi", "twin": {"expert": "math", "experts": {"math": 1}}}, "twin",
      "either twin.experts or twin.expert"),
-    ({"model": "tiny", "prompt": "hi", "twin": {"experts": {"math": -1}}}, "twin", "math"),
+    ({"model": "tiny", "prompt": "hi", "twin": {"experts": {"math": -1}}}, "twin.experts", "math"),
     ({"model": "tiny", "prompt": "hi", "twin": {"bogus": 1}}, "twin.bogus", "bogus"),
     ({"model": "tiny", "prompt": "hi", "twin": {"expert": "nope"}}, "twin.expert", "nope"),
     ({"model": "tiny", "prompt": "hi", "twin": {"experts": {"nope": 1}}}, "twin.experts", "nope"),
@@ -374,6 +374,10 @@ def short_generation(case, positive: bool) -> None:
     if isinstance(case.body, dict):
         if positive and isinstance(case.body.get("model"), str):
             case.body["model"] = MODEL_IDS[len(case.body["model"]) % len(MODEL_IDS)]
+        if positive and isinstance(case.body.get("messages"), list):   # the schema cannot say "content may be
+            for m in case.body["messages"]:                             # null only for assistant"
+                if isinstance(m, dict) and m.get("content") is None and m.get("role") != "assistant":
+                    m["content"] = "hi"
         for key in ("max_tokens", "max_completion_tokens"):
             v = case.body.get(key)
             if isinstance(v, int) and not isinstance(v, bool) and 4 < v <= 128:
