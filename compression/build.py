@@ -203,10 +203,12 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
                 bar.update(numel * (len(names) + 1) * esize)
                 continue
             merged: dict = {}
-            theta_star = merge_pieces(pname, src, recipe.merge.method, dtype, merged, params) \
+            theta_star = merge_pieces(pname, src, recipe.merge.method, dtype, merged,
+                                      dict(params, tie_break=recipe.merge.tie_break)) \
                 if base.pieces(src.name_in(base, pname)) else \
                 merge_tensor(pname, b0, [src.rows(e, pname) for e in experts], recipe.merge.method,
-                             out_dtype=dtype, stats=merged, **params)
+                             out_dtype=dtype, stats=merged, compute_dtype=dtype,
+                             tie_break=recipe.merge.tie_break, **params)
             bw.add(pname, theta_star)
             why = refusal(pname)
             if not merged["changed"] and torch.equal(theta_star, b0.full().to(dtype)):
@@ -308,7 +310,7 @@ def merge_pieces(name: str, src: CheckpointSources, method: str, dtype, stats: d
     for key in fused.pieces:
         st: dict = {}
         merged[key] = merge_tensor(key, _Raw(src.base, key), [_Raw(e, key) for e in src.experts], method,
-                                   out_dtype=dtype, stats=st, **params)
+                                   out_dtype=dtype, stats=st, compute_dtype=dtype, **params)
         changed = changed or st["changed"]
     stats["changed"] = changed
     return fused.assemble(merged.pop)

@@ -65,7 +65,8 @@ def recipe_from_mergekit(data: dict, path: str | Path) -> Recipe:
         raise RecipeError(f"{where}: base_model: required by {method}")
 
     params = data.get("parameters") or {}
-    merge: dict = {"method": method, "density": 1.0}  # mergekit's default density is 1 (no sparsification)
+    # mergekit's default density is 1 (no sparsification); its trims break ties by its own argsort
+    merge: dict = {"method": method, "density": 1.0, "tie_break": "argsort"}
     shared_weight = None
     for key, value in params.items():
         value = _scalar(value, f"{where}: parameters.{key}")

@@ -125,6 +125,8 @@ def estimate(recipe: Recipe, threads: int | None = None, shard_bytes: int = 1 <<
             continue
         per = (8 + 2 * e) * n + (T * n if sparsify == "bernoulli" else 0)
         work = (12 + 2 * e) * n if sparsify else 0
+        if sparsify in ("magnitude", "outliers") and recipe.merge.tie_break == "argsort":
+            work += 20 * n        # mergekit's argsort: int64 indices, the sorted copy, the mask
         blocks = min(4 * (128 << 20), 4 * 4 * T * n)     # the row blocks of the mix (T stacked fp32 τ, masks)
         merge_peak = max(merge_peak, max(work, per) + blocks)
         merge_s += n * T / rates["merge"]

@@ -58,6 +58,9 @@ class MergeSpec(_Strict):
     base_weight: float = Field(0.0, allow_inf_nan=False,
                                description="linear: weight of the base model itself in the weighted sum")
     seed: int = Field(0, description="dare: seed of the per-tensor drop masks")
+    tie_break: Literal["index", "argsort"] = Field(
+        "index", description="ties/breadcrumbs: which entries tied at the trim boundary are kept — index (radix "
+        "select, bounded memory) or argsort (mergekit's own sort: bit-equal to mergekit, ~20 bytes per entry)")
 
     @model_validator(mode="before")
     @classmethod
@@ -126,7 +129,7 @@ class Recipe(_Strict):
     def merge_options(self) -> dict:
         """The flat merge parameters for ``compression.merging.merge_params``, with the per-expert
         weights and densities (None: merge.density) in expert order."""
-        return {**self.merge.model_dump(exclude={"method"}), "weights": [e.weight for e in self.experts],
+        return {**self.merge.model_dump(exclude={"method", "tie_break"}), "weights": [e.weight for e in self.experts],
                 "densities": [e.density for e in self.experts]}
 
     def resolve(self, root: Path) -> Recipe:

@@ -102,8 +102,15 @@ def _full(src: TensorRows) -> torch.Tensor:
 
 def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Sequence[torch.Tensor | TensorRows],
                  method: str, weights: Sequence[float] | None = None, out_dtype: torch.dtype = torch.float32,
-                 chunk_elements: int = MAX_CHUNK_ELEMENTS, stats: dict | None = None, **params) -> torch.Tensor:
-    """θ*[name] = θ_0 + merge(θ_t − θ_0), computed in fp32, returned as ``out_dtype``.
+                 chunk_elements: int = MAX_CHUNK_ELEMENTS, stats: dict | None = None,
+                 compute_dtype: torch.dtype = torch.float32, tie_break: str = "index", **params) -> torch.Tensor:
+    """θ*[name] = θ_0 + merge(θ_t − θ_0), computed in ``compute_dtype``, returned as ``out_dtype``.
+
+    mergekit computes in its config's ``dtype`` (bf16 arithmetic for a bf16 merge); ``twinserve build`` passes
+    the recipe's dtype here, so θ* is rounded where mergekit's is. Magnitude ranks are found in fp32 (exact
+    for bf16/fp16 values). ``tie_break``: which of the entries tied at a trim boundary are kept — ``index``
+    (the radix select: bounded memory, later indices rank higher) or ``argsort`` (mergekit's own full
+    ``torch.argsort``/``torch.sort`` of |τ_t|: bit-equal to mergekit, ~20 bytes per entry while it runs).
 
     ``w0`` and ``expert_tensors`` are tensors or row readers (``TensorRows``). Bounded memory: per expert,
     a trimming method first reads τ_t once to find its magnitude-rank boundaries (radix select, no sort)
@@ -122,7 +129,7 @@ def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Seque
         params = dict(params, densities=[float(params["densities"])] * T)
     if "seed" in params:  # a distinct, reproducible drop mask per tensor
         params = dict(params, seed=(params["seed"] * 1_000_003 + zlib.crc32(name.encode())) % (2**31))
-    trims = _trims(spec, base, experts, params)
+    trims = _trims(spec, base, experts, params, compute_dtype, tie_break)
     if "densities" in params:   # the trims are applied here; the method function only mixes
         params = dict(params, densities=[1.0] * T)
     if "rescale" in params:
@@ -136,8 +143,8 @@ def merge_tensor(name: str, w0: torch.Tensor | TensorRows, expert_tensors: Seque
     changed = False
     for lo in range(0, rows_total, step):
         hi = min(rows_total, lo + step)
-        b = base.rows(lo, hi).float()
-        tv = torch.stack([e.rows(lo, hi).float() - b for e in experts])    # (T, rows, *cols)
+        b = base.rows(lo, hi).to(compute_dtype)
+        tv = torch.stack([e.rows(lo, hi).to(compute_dtype) - b for e in experts])    # (T, rows, *cols)
         changed = changed or bool(tv.any())
         for t, trim in enumerate(trims):
             if trim is not None:
@@ -164,11 +171,12 @@ class _Trim:
         return RankMask.from_bounds(*self.bounds) if self.bounds is not None else None
 
     def apply(self, mask: RankMask | None, tau: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        kept = tau * (mask.next(tau.abs()) if mask is not None else self.keep[lo:hi])
+        kept = tau * (mask.next(tau.abs().float()) if mask is not None else self.keep[lo:hi])
         return kept * self.scale if self.scale is not None else kept
 
 
-def _trims(spec: MergeMethod, base: TensorRows, experts: list[TensorRows], params: dict) -> list[_Trim | None]:
+def _trims(spec: MergeMethod, base: TensorRows, experts: list[TensorRows], params: dict,
+           compute_dtype: torch.dtype = torch.float32, tie_break: str = "index") -> list[_Trim | None]:
     """Per expert: None (keep τ_t whole) or its trim. Reads each trimmed τ_t once, whole."""
     kind = spec.sparsify
     densities = params.get("densities")
@@ -176,16 +184,25 @@ def _trims(spec: MergeMethod, base: TensorRows, experts: list[TensorRows], param
         return [None] * len(experts)
     rescale = bool(params.get("rescale"))
     gen = torch.Generator().manual_seed(params["seed"]) if kind == "bernoulli" else None
-    base32 = _full(base).float()
+    base_c = _full(base).to(compute_dtype)
     out: list[_Trim | None] = []
     for e, d in zip(experts, densities):
         if d >= 1:
             out.append(None)
             continue
-        mag = _full(e).to(torch.float32, copy=True).sub_(base32).abs_()     # |τ_t|, the only whole-tensor fp32 copy besides θ_0
+        # |τ_t| with τ_t rounded as the merge computes it; fp32 for the selection (exact for bf16 values)
+        mag = _full(e).to(compute_dtype, copy=True).sub_(base_c).abs_().float()
         n = mag.numel()
         if kind == "bernoulli":
             trim = _Trim(keep=torch.rand(mag.shape, generator=gen) < d)
+        elif tie_break == "argsort":   # exactly mergekit's sparsify.magnitude / magnitude_outliers
+            lo, hi = (0, magnitude_keep(d, n)) if kind == "magnitude" else outlier_ranks(d, params.get("gamma", 0.01), n)
+            order = torch.argsort(mag.reshape(-1), descending=True) if kind == "magnitude" else \
+                torch.sort(mag.reshape(-1), descending=False).indices
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[order[lo:hi]] = True
+            del order
+            trim = _Trim(keep=keep.view(mag.shape))
         else:
             lo, hi = (n - magnitude_keep(d, n), n) if kind == "magnitude" else \
                 outlier_ranks(d, params.get("gamma", 0.01), n)
@@ -198,7 +215,7 @@ def _trims(spec: MergeMethod, base: TensorRows, experts: list[TensorRows], param
                 flat, m = mag.reshape(-1), trim.start()
                 after = sum((c * m.next(c)).sum() for c in flat.split(CHUNK))
             if before >= 1e-7 and after >= 1e-7:
-                trim.scale = before / after
+                trim.scale = (before / after).to(compute_dtype)
         del mag
         out.append(trim)
     return out
