@@ -97,7 +97,7 @@
   async function loadModel() {
     let experts = null;
     try {
-      const stats = await getJSON("/v1/stats");
+      const stats = await getJSON("/v1/stats", true);
       state.model = stats.model;
       state.mode = stats.mode;
       experts = stats.experts;
@@ -408,7 +408,7 @@
     if (state.statsBusy) return;
     state.statsBusy = true;
     try {
-      const s = await getJSON("/v1/stats");
+      const s = await getJSON("/v1/stats", true);
       if (!state.experts.length && s.experts) {
         state.model = s.model; state.mode = s.mode; state.experts = s.experts;
         ui.badge.textContent = `${s.model} · ${s.mode}`;
