@@ -188,9 +188,12 @@ def probe_kinds(config: PretrainedConfig, kinds: set[str] | None, recipe, workdi
             type(tiny).from_pretrained(str(base))
         except Exception as e:  # noqa: BLE001 (the tiny config does not round-trip: our shrink, not the model)
             raise ProbeSkipped(f"{type(e).__name__}: {str(e)[:200]}") from None
-        from compression.checkpoints import LazyState
+        from compression.checkpoints import CheckpointError, LazyState
         state = LazyState(base)                     # the checkpoint's own keys, as a user's experts store them
-        layout = LazyState(base, tiny).layout
+        try:
+            layout = LazyState(base, tiny).layout
+        except CheckpointError as e:       # a stored layout transformers converts in a way twinserve cannot read
+            raise UnsupportedModelError(f"model_type {model_type!r} cannot be served: {str(e).split(': ', 1)[-1]}") from None
         model_name = {} if layout is None else (
             {raw: name for name, raw in layout.simple.items()}
             | {piece: name for name, f in layout.fused.items() for piece in f.pieces})
