@@ -77,6 +77,22 @@ class SyntheticSpec:
                    vocab_size=512, max_position_embeddings=256, num_experts=4, rank=4, router_layer=1,
                    router_hidden=32)
 
+    @classmethod
+    def like(cls, name: str, num_experts: int = 8, rank: int = 16, **overrides) -> SyntheticSpec:
+        """A real model's shape (zoo.shapes: qwen2.5-0.5b, llama-3-8b, …) as a Llama-layout synthetic: the same
+        hidden size, depth, heads, KV heads, intermediate size and vocabulary; the router reads block 2."""
+        from zoo.shapes import SHAPES
+
+        if name not in SHAPES:
+            raise ValueError(f"--like: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+        f = SHAPES[name][1]
+        fields = {"hidden_size": f["hidden_size"], "num_layers": f["num_hidden_layers"],
+                  "num_heads": f["num_attention_heads"], "num_kv_heads": f["num_key_value_heads"],
+                  "intermediate_size": f["intermediate_size"], "vocab_size": f["vocab_size"],
+                  "max_position_embeddings": min(f["max_position_embeddings"], 4096), "num_experts": num_experts,
+                  "rank": rank, "router_layer": min(2, f["num_hidden_layers"])}
+        return cls(**{**fields, **overrides})
+
     @property
     def expert_names(self) -> list[str]:
         return [f"{SYNTHETIC_TASK_PREFIX}{i}" for i in range(self.num_experts)]

@@ -46,6 +46,9 @@ GENERATION_CONFIG = "generation_config.json"
 HEADER_BYTES_PER_TENSOR = 72
 # θ* and the factors are written in shards of about this size as they are produced (the most the writer holds)
 SHARD_BYTES = 1 << 29
+# a tensor's T expert copies (checkpoint dtype) are held in memory when they fit this; larger ones (a
+# 152k-row embedding) are merged in row blocks read from the mmaps
+HELD_BYTES = 1 << 30
 
 
 def keeps_delta(name: str, policy: RankPolicy) -> bool:
@@ -181,10 +184,11 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
         s["errors"].append(lr.rel_error)
         s["quant_errors"].append(qerr)
 
-    def deltas(pname: str, theta_star: torch.Tensor):
+    def deltas(pname: str, theta_star: torch.Tensor, held: list | None = None):
         """(expert, δ_t = θ_t − θ* as stored (so rounding is corrected), fp32), one expert at a time."""
-        for name, e in zip(names, experts):
-            yield name, src.rows(e, pname).full().to(torch.float32, copy=True).sub_(theta_star)
+        for t, (name, e) in enumerate(zip(names, experts)):
+            w = held[t] if held is not None else src.rows(e, pname).full()
+            yield name, w.to(torch.float32, copy=True).sub_(theta_star)
 
     in_bytes = sum(math.prod(base.shape(src.name_in(base, k))) for k in src.keys) * (len(names) + 1) * esize
     with write_errors(out), atomic_dir(out) as tmp:
@@ -203,10 +207,14 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
                 bar.update(numel * (len(names) + 1) * esize)
                 continue
             merged: dict = {}
+            # θ_t in memory when all T fit the working set: read (or, for an adapter, formed) once for the
+            # merge and again for δ_t, instead of row block by row block and then once more
+            held = [src.rows(e, pname).full() for e in experts] \
+                if len(experts) * numel * esize <= HELD_BYTES and not base.pieces(src.name_in(base, pname)) else None
             theta_star = merge_pieces(pname, src, recipe.merge.method, dtype, merged,
                                       dict(params, tie_break=recipe.merge.tie_break)) \
                 if base.pieces(src.name_in(base, pname)) else \
-                merge_tensor(pname, b0, [src.rows(e, pname) for e in experts], recipe.merge.method,
+                merge_tensor(pname, b0, held or [src.rows(e, pname) for e in experts], recipe.merge.method,
                              out_dtype=dtype, stats=merged, compute_dtype=dtype,
                              tie_break=recipe.merge.tie_break, **params)
             bw.add(pname, theta_star)
@@ -218,7 +226,7 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
             elif keeps_delta(pname, policy):
                 tensors[pname] = TensorEntry(shape=list(b0.shape), kind="lowrank" if len(b0.shape) == 2 else "dense",
                                              factor_dtype=factor_dtype if len(b0.shape) == 2 else None)
-                for name, delta in deltas(pname, theta_star):
+                for name, delta in deltas(pname, theta_star, held):
                     per_expert[name]["dense_delta_bytes"] += delta.numel() * esize
                     if delta.ndim != 2:
                         ew.add(exclusive_key(pname, name, "delta"), delta.to(dtype))
@@ -230,7 +238,7 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
                     else:
                         store_factors(ew, pname, name, delta, policy.rank, policy.energy)
                     del delta
-            del theta_star
+            del theta_star, held
             bar.update(numel * (len(names) + 1) * esize)
         bar.close()
         backbone_files = bw.close()

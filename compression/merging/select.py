@@ -86,8 +86,13 @@ class RankMask:
         if b.nothing:
             return torch.zeros_like(mag, dtype=torch.bool), seen
         eq = mag == b.value
-        order = torch.cumsum(eq.reshape(-1), 0).reshape(mag.shape) + seen   # 1-based tie index
-        return (mag < b.value) | (eq & (order <= b.ties)), seen + int(eq.sum())
+        n_eq = int(eq.sum())
+        if seen >= b.ties or not n_eq:          # no tie of this chunk is kept
+            return mag < b.value, seen + n_eq
+        if seen + n_eq <= b.ties:               # every tie of this chunk is kept
+            return mag <= b.value, seen + n_eq
+        order = torch.cumsum(eq.reshape(-1), 0).reshape(mag.shape) + seen   # 1-based tie index (one chunk)
+        return (mag < b.value) | (eq & (order <= b.ties)), seen + n_eq
 
     def next(self, mag: torch.Tensor) -> torch.Tensor:
         below_hi, self._seen_hi = self._below(self.hi, mag, self._seen_hi)
