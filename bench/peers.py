@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from twin.artifact import BACKBONE, EXCLUSIVE, load_tensors, read_manifest, stored_factors
+from twin.errors import TwinserveError
 from twin.loading import config_from_manifest
 
 PEER_MODES = ("hf_generate", "peft_mixed")
 
 
-class PeerError(ValueError):
+class PeerError(TwinserveError):
     """The artifact cannot be expressed as a transformers/PEFT peer (named tensor and reason)."""
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from compression.checkpoints import LazyState, load_model_state, open_expert
 from compression.merging import merge_params, merge_state
 from twin.artifact import BACKBONE, EXCLUSIVE, read_report, tensor_files, update_artifact
+from twin.errors import TwinserveError
 from twin.generate import greedy_generate
 from twin.loading import LoadedArtifact, build_model, load_artifact
 from twin.manifest import Manifest
@@ -31,7 +32,7 @@ BASELINE_GRID = {
 METHODS = ("expert", "base", "task_arithmetic", "ties", "dare_ties", "twin_oracle", "twin_router")
 
 
-class EvalError(ValueError):
+class EvalError(TwinserveError):
     pass
 
 

@@ -36,6 +36,7 @@ from server.engine import Engine, Request, RoutingSpec
 from server.metrics import Metrics
 from server.sampling import SamplingParams
 from server.settings import Settings
+from twin.errors import TwinserveError
 from twin.fusion import LowRankDeltas
 from twin.loading import LoadedArtifact, load_artifact
 from twin.model.hf import PackedLinear, PackedTwinLinear, StackedTwinLinear
@@ -46,7 +47,7 @@ ENGINE_MODE = {"backbone": "backbone", "lowrank": "lowrank", "lowrank_top2": "lo
 PER_REQUEST = ("materialize", "expert")   # the engine runs these at batch 1 whatever max_batch_size says
 
 
-class BenchError(ValueError):
+class BenchError(TwinserveError):
     """Bad benchmark input, or a run that did not produce what it must (e.g. a request failed)."""
 
 

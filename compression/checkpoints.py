@@ -10,8 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig
 
+from twin.errors import TwinserveError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(TwinserveError):
     """A model or adapter directory that cannot be used; the message names the path."""
 
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from twin.errors import TwinserveError
 
-class LayoutError(ValueError):
+
+class LayoutError(TwinserveError):
     """A checkpoint layout twinserve cannot map onto the model class (names the tensor and the operation)."""
 
 

@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from twin.errors import TwinserveError
+
 # Fixed prompts: plain text any tokenizer encodes; the char-level demo zoo included.
 PROMPTS = ("the quick brown fox jumps over the lazy dog. ",
            "reverse hello= 12, 34; then: SHIFT abc",
@@ -36,7 +38,7 @@ PROMPTS = ("the quick brown fox jumps over the lazy dog. ",
 DEFAULT_TOL = 1e-4
 
 
-class ParityError(ValueError):
+class ParityError(TwinserveError):
     """An expert served by the artifact differs from transformers beyond the tolerance (exit 2)."""
 
 

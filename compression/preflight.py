@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from twin.errors import TwinserveError
+
 from .lowrank import OVERSAMPLE, POWER_ITERS, use_randomized
 from .recipe import Recipe
 
@@ -30,7 +32,7 @@ BASELINE_BYTES = 700 << 20     # interpreter, torch, transformers, tokenizer: me
 GATE_TOKENS = 120              # the gate's prompts, about (3 prompts of up to 48 tokens)
 
 
-class PreflightError(ValueError):
+class PreflightError(TwinserveError):
     """The build would not fit this machine (exit 2); the message gives the estimate and the limit."""
 
 

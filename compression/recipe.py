@@ -16,12 +16,14 @@ from pydantic import (
     model_validator,
 )
 
+from twin.errors import TwinserveError
+
 MergeName = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                     "average"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-class RecipeError(ValueError):
+class RecipeError(TwinserveError):
     """A recipe file that cannot be read or does not validate; the message names the field."""
 
 

@@ -1,6 +1,6 @@
 """``twinserve loadtest``: stream a task mix at a running server and report latency, errors and accuracy.
 
-Registered into ``server.cli`` through ``register(sub)``. Bad input (unknown task in --mix, missing
+Registered into the `twinserve` command line (cli.main) through ``register(sub)``. Bad input (unknown task in --mix, missing
 files, bad numbers) prints ``error: ...`` on stderr and returns 2; a run in which no request
 succeeded returns 1 (the report is still written); otherwise 0.
 """

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < args.minutes <= 120):
         p.error("--minutes must be in (0, 120]")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", args.artifact, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "cli", "serve", args.artifact, "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -13,12 +13,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from twin.errors import TwinserveError
+
 DEFAULT_TASKS_DIR = "artifacts/zoo/tasks"
 DEFAULT_SPLIT = "test"
 UNLABELED = "unlabeled"
 
 
-class LoadtestError(ValueError):
+class LoadtestError(TwinserveError):
     """Bad input to the load tester (mix, data files, options); the CLI turns it into exit code 2."""
 
 

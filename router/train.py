@@ -18,6 +18,7 @@ from rich.table import Table
 from safetensors.torch import save
 
 from twin.artifact import ROUTER, update_artifact
+from twin.errors import TwinserveError
 
 from .features import prompt_features
 from .model import FALLBACKS, Router, RouterConfig, RouterMLP
@@ -25,7 +26,7 @@ from .model import FALLBACKS, Router, RouterConfig, RouterMLP
 MIN_PER_TASK = 5
 
 
-class RouterDataError(ValueError):
+class RouterDataError(TwinserveError):
     """Labelled router data that cannot be used; names the line or the task."""
 
 
@@ -179,19 +180,3 @@ def print_router_report(report: dict, names: list[str], console: Console) -> Non
         table.add_row(a, *[str(report["confusion"][a][b]) for b in names])
     console.print(table)
 
-
-def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None) -> None:
-    """`make demo`: train the router from the zoo's router split unless the artifact already has one."""
-    from twin.artifact import verify_artifact
-    from twin.loading import load_artifact
-    from zoo.build import load_task_split
-
-    console = console or Console(stderr=True)
-    if verify_artifact(artifact).router is not None:
-        console.print(f"[green]router cache hit[/] {artifact / ROUTER}")
-        return
-    art = load_artifact(artifact, device="cpu", dtype="float32", verify=False)
-    rows = load_task_split(zoo, "router", art.expert_names)
-    router, report = train_router(art, rows, console=console)
-    save_router(artifact, router, report)
-    print_router_report(report, art.expert_names, console)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,18 +27,22 @@ log = logging.getLogger("twinserve")
 startup_log = logging.getLogger("uvicorn.error")   # printed with uvicorn's own startup lines
 
 
-def load_state(app: FastAPI, settings: Settings) -> None:
+def load_state(app: FastAPI, settings: Settings, expert_reader: Callable | None = None) -> None:
     """Blocking: verify and load the artifact, router, metrics, engine; attach them to app.state."""
     from router.model import load_router
     from twin.loading import load_artifact
 
     from .engine import Engine
+    from .memory import StartupError
     from .metrics import Metrics
     from .service import Service
 
+    if settings.mode == "expert" and expert_reader is None:
+        raise StartupError("mode `expert` serves each expert's own checkpoint and needs an expert reader: "
+                           "create_app(settings, expert_reader=compression.experts.read_expert_state) "
+                           "(`twinserve serve` passes it)")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    from compression.experts import read_expert_state
     from twin.artifact import read_manifest
 
     from .serve_cli import memory_plan
@@ -45,7 +50,7 @@ def load_state(app: FastAPI, settings: Settings) -> None:
     plan = memory_plan(settings, read_manifest(settings.artifact))
     art = load_artifact(settings.artifact, device=settings.device, dtype=settings.dtype,
                         verify=settings.verify_artifact, with_experts=settings.mode != "backbone",
-                        expert_reader=read_expert_state,
+                        expert_reader=expert_reader,
                         prepack_batch=settings.max_batch_size if settings.prepack and settings.max_batch_size >= 4
                         else None)
     router = load_router(art.path, art.manifest)
@@ -54,7 +59,8 @@ def load_state(app: FastAPI, settings: Settings) -> None:
     engine = Engine(art, router, settings, metrics, memory_plan=plan)
     load_s = time.perf_counter() - t0
     metrics.set_memory(plan.to_json(), load_s)
-    if art.manifest.dtype != str(art.model.dtype).removeprefix("torch.") and art.model.device.type == "cpu":
+    if (settings.dtype == "auto" and art.model.device.type == "cpu"
+            and art.manifest.dtype != str(art.model.dtype).removeprefix("torch.")):
         startup_log.info("the artifact is %s; served in %s on this CPU (no native bf16 dot products: AVX512-BF16/AMX); "
                  "--dtype bfloat16 forces it", art.manifest.dtype, str(art.model.dtype).removeprefix("torch."))
     startup_log.info("loaded in %.1f s: %s", load_s, plan.summary())
@@ -148,12 +154,18 @@ class LimitBody:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, expert_reader: Callable | None = None) -> FastAPI:
+    """The app for ``settings`` (default: from TWINSERVE_* variables); the artifact loads in its lifespan.
+
+    ``expert_reader(manifest, t)`` -> expert t's full state under HF names: what mode `expert` serves
+    (compression.experts.read_expert_state; the caller passes it, as server/ does not import compression/).
+    Other modes never call it; mode `expert` without one refuses to start.
+    """
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(load_state, app, settings)
+        await asyncio.to_thread(load_state, app, settings, expert_reader)
         await app.state.engine.start()
         startup_log.info("twinserve ready: %s (%s mode, %s experts)", settings.artifact, settings.mode,
                  len(app.state.artifact.expert_names))

@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from twin.errors import TwinserveError
+
 GiB = 1 << 30
 DEFAULT_MAX_LEN = 2048
 MIN_POSITIONS = 64
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
 
-class StartupError(ValueError):
+class StartupError(TwinserveError):
     """The server cannot start with these settings on this machine (exit 2); names the setting and the numbers."""
 
 

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
 from typing import get_args
+
+from twin.errors import UsageError
 
 from .settings import Mode, Settings
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args, expert_reader: Callable | None = None) -> int:
+    """``expert_reader``: what create_app passes on to load_artifact for mode `expert` (see create_app)."""
     import uvicorn
     from pydantic import ValidationError
 
     from twin.artifact import verify_artifact
 
     from .app import create_app
-    from .cli import UsageError
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     try:
         settings = Settings(**overrides)
@@ -24,8 +28,8 @@ def cmd_serve(args) -> int:
         raise UsageError(f"invalid setting: {problems}") from None
     manifest = verify_artifact(settings.artifact)  # fail fast with a clear message, before uvicorn starts
     memory_plan(settings, manifest)                # and refuse settings that cannot fit, with the numbers
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    uvicorn.run(create_app(settings, expert_reader=expert_reader), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
     return 0
 
 
@@ -71,7 +75,9 @@ def str_list(value: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def register(sub) -> None:
+def register(sub, expert_reader: Callable | None = None) -> None:
+    """Add `serve` to ``sub``. ``expert_reader(manifest, t)`` -> expert t's full state (mode `expert`): the
+    composition root (cli.main) passes compression's reader, as server/ imports only twin/ and router/."""
     lines = [f"  TWINSERVE_{name.upper():<22} {setting_help(name).replace('%%', '%')}"
              for name in Settings.model_fields]
     p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
@@ -97,4 +103,4 @@ def register(sub) -> None:
     p.add_argument("--allowed-methods", type=str_list, default=None, help=setting_help("allowed_methods"))
     p.add_argument("--allowed-headers", type=str_list, default=None, help=setting_help("allowed_headers"))
     p.add_argument("--max-request-bytes", type=int, default=None, help=setting_help("max_request_bytes"))
-    p.set_defaults(fn=cmd_serve)
+    p.set_defaults(fn=functools.partial(cmd_serve, expert_reader=expert_reader))

@@ -238,12 +238,14 @@ def server_settings(artifact: str | Path, **overrides):
 
 @contextlib.contextmanager
 def app_client(artifact: str | Path, **overrides):
-    """A fastapi TestClient over create_app(server_settings(...)); the lifespan (load + engine) runs inside."""
+    """A fastapi TestClient over create_app(server_settings(...)); the lifespan (load + engine) runs inside.
+    Mode `expert` reads the dense experts with compression's reader, as `twinserve serve` does."""
     from fastapi.testclient import TestClient
 
+    from compression.experts import read_expert_state
     from server.app import create_app
 
-    with TestClient(create_app(server_settings(artifact, **overrides))) as client:
+    with TestClient(create_app(server_settings(artifact, **overrides), expert_reader=read_expert_state)) as client:
         yield client
 
 
@@ -267,9 +269,10 @@ def live_server(artifact: str | Path, **overrides):
 
     import uvicorn
 
+    from compression.experts import read_expert_state
     from server.app import create_app
 
-    app = create_app(server_settings(artifact, **overrides))
+    app = create_app(server_settings(artifact, **overrides), expert_reader=read_expert_state)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=3))

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import TwinserveError
 from .manifest import FORMAT, FORMAT_VERSION, Manifest, manifest_from_json
 
 MANIFEST = "manifest.json"
@@ -41,7 +42,7 @@ REPORT = "report.json"
 OWNER = ".owner-pid"   # in a temp dir while it is being written; a killed writer leaves it behind
 
 
-class ArtifactError(ValueError):
+class ArtifactError(TwinserveError):
     """An artifact that is missing, of another version, or fails verification; names the file."""
 
 

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from twin.artifact import ShardWriter, atomic_dir
+from twin.errors import TwinserveError
 
 from .shapes import SHAPES
 
@@ -38,7 +39,7 @@ DELTA_RANK = 64
 NOISE_ENERGY = 0.1
 
 
-class SyntheticError(ValueError):
+class SyntheticError(TwinserveError):
     """Bad synthetic-checkpoint options (exit 2); the message names the option."""
 
 

@@ -19,8 +19,9 @@ Notes:
 * /metrics is per replica; through the proxy you see whichever replica answered. Scrape replicas
   directly, or use Ray's own metrics export (ray_serve_* series) for cluster-wide numbers.
 * Each response carries `X-Twinserve-Replica` (the Ray replica id), handy to watch load balancing.
-* On a multi-node cluster the replicas must import this module and the `server` package: install
-  the project on every node (or ship it with runtime_env.working_dir, excluding artifacts/ and .venv/).
+* On a multi-node cluster the replicas must import this module and the `server` and `compression`
+  packages (mode `expert` reads the dense experts through compression): install the project on every node
+  (or ship it with runtime_env.working_dir, excluding artifacts/ and .venv/).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ class TwinServe:
 
     def __init__(self, settings: dict[str, Any] | None = None):
         # NB: not `self.app`: Ray's ASGI wrapper base class owns that name (a read-only property)
+        from compression.experts import read_expert_state
         from server.app import create_app
         from server.settings import Settings
 
@@ -99,7 +101,7 @@ class TwinServe:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # outside a replica (unit use)
             self.replica_id = f"pid-{os.getpid()}"
-        self.twin_app = create_app(self.settings)
+        self.twin_app = create_app(self.settings, expert_reader=read_expert_state)   # mode `expert`
 
         replica_id = self.replica_id
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -19,8 +20,9 @@ from bench.runner import (
     random_workload,
     run_engine,
 )
-from server.cli import UsageError, main
+from cli.main import main
 from tests.conftest import EXPERT_NAMES
+from twin.errors import UsageError
 
 RUN_KEYS = {"mode", "batch_size", "requests", "tokens_per_s", "requests_per_s", "p50_s", "p99_s", "ttft_p50_s",
             "memory_bytes", "rss_bytes"}
@@ -169,6 +171,20 @@ def test_argument_parsing(tmp_path):
         parse_modes("lowrank,dense")
     assert main(["bench", "--out", str(tmp_path / "x.json")]) == 2   # neither ARTIFACT nor --synthetic
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_bench_argument_exits_2_without_traceback(tiny_artifact, tmp_path, capsys):
+    """A bad argument that only the run finds (BenchError, raised inside bench.runner, not a UsageError of
+    the parser) is a one-line error and exit 2 like every other command, not a traceback."""
+    out = tmp_path / "b.json"
+    code = main(["bench", str(tiny_artifact), "--out", str(out), "--quick", "--requests", "2",
+                 "--batch-sizes", "1", "--max-tokens", "1000", "--modes", "backbone"])   # the model has 128 positions
+    err = capsys.readouterr().err
+    assert code == 2
+    last = err.strip().splitlines()[-1]     # after the bench's own log lines
+    assert re.fullmatch(r"error: prompts \+ --max-tokens need \d+ positions; the model has 128", last), err
+    assert "Traceback" not in err
+    assert not out.exists()
 
 
 def test_cli_registered(tiny_artifact, tmp_path):

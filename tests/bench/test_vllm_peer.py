@@ -131,7 +131,7 @@ def test_cli_refuses_vllm_without_the_synthetic_artifact(tmp_path):
 
 def test_cli_refuses_a_vllm_python_that_does_not_exist(tmp_path):
     """Refused before any work (the bench would otherwise run for minutes, then skip the vLLM runs)."""
-    from server.cli import main
+    from cli.main import main
 
     rc = main(["bench", "--synthetic", "--quick", "--vllm-python", str(tmp_path / "nope" / "python"),
                "--out", str(tmp_path / "out.json")])

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from server.cli import main
+from cli.main import main
 
 
 def run(capsys, *argv):
@@ -163,3 +163,33 @@ def test_build_malformed_json_is_one_line(tmp_path, capsys):
     f.write_text('{"base": ')
     code, text = run(capsys, "build", str(f), "-o", str(tmp_path / "out"))
     assert code == 2 and text.count("\n") == 1 and str(f) in text and "line 1 column 10" in text
+
+
+# Errors that are not bad input reported by the CLI: HTTP errors of the server (app.py maps them to OpenAI
+# JSON) and the engine's back-pressure signal (a 429).
+NOT_DOMAIN_ERRORS = {"APIError", "InternalError", "QueueFullError"}
+
+
+def test_every_domain_error_derives_from_twinserve_error():
+    """`twinserve` catches TwinserveError once (exit 2, one line); a new `class XError(...)` in any package
+    must derive from it, or a bad input of that kind would end in a traceback."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    from twin.errors import TwinserveError
+    root = Path(__file__).resolve().parents[2]
+    found = {}
+    for pkg in ("twin", "compression", "router", "server", "zoo", "bench", "loadtest", "cli"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                    module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+                    found[node.name] = getattr(importlib.import_module(module), node.name)
+    assert {"ParityError", "ArtifactError", "CheckpointError", "RecipeError", "EvalError", "UnsupportedModelError",
+            "UsageError", "RouterDataError", "LoadtestError", "PreflightError", "StartupError", "SyntheticError",
+            "LayoutError", "BenchError", "PeerError"} <= set(found)
+    bad = sorted(name for name, cls in found.items()
+                 if name not in NOT_DOMAIN_ERRORS | {"TwinserveError"} and not issubclass(cls, TwinserveError))
+    assert not bad, f"derive these from twin.errors.TwinserveError: {bad}"
+    assert issubclass(TwinserveError, ValueError)

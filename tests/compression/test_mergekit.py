@@ -73,7 +73,7 @@ def test_dare_below_density_one_matches_mergekit_in_distribution():
 
 
 def test_mergekit_yaml_builds_the_backbone_mergekit_writes(tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     out = tmp_path / "art"
     assert main(["build", str(FIX / "configs" / "ties_d05.yaml"), "-o", str(out), "--rank", "4"]) == 0
@@ -119,7 +119,7 @@ def test_unsupported_mergekit_configs_name_the_key(tmp_path, change, message):
 
 
 def test_unsupported_method_exits_2_on_the_cli(tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     assert main(["build", str(write(tmp_path, {**BASE_CFG, "merge_method": "slerp"})), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

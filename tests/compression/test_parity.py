@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from server.cli import main
+from cli.main import main
 from tests.twin.families import save_family
 from twin.artifact import read_manifest, read_report
 

@@ -130,7 +130,7 @@ def test_adapter_for_another_base_names_the_tensor_and_both_shapes(tmp_path):
 def test_wrong_base_adapter_exits_2_on_build(tmp_path, capsys):
     import yaml
 
-    from server.cli import main
+    from cli.main import main
 
     _, adapter_dir, _ = make_adapter(tmp_path / "a", target_modules=["q_proj"], base_overrides={"hidden_size": 32})
     other = tmp_path / "other"

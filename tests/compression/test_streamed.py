@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli.main import main
 from compression.merging import MERGE_METHODS, merge_params, merge_tensor
 from compression.merging.select import rank_range_mask
 from compression.recipe import load_recipe
-from server.cli import main
 from twin.artifact import (
     BACKBONE,
     EXCLUSIVE,
@@ -233,7 +233,7 @@ def test_killed_build_leaves_nothing_loadable_and_is_cleaned_up(synthetic_full, 
              "    time.sleep(0.2)\n"
              "    return real(*a, **k)\n"
              "b.merge_tensor = slow\n"
-             "from server.cli import main\n"
+             "from cli.main import main\n"
              "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", child, "build", str(synthetic_full / "recipe.yaml"), "-o", str(out)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

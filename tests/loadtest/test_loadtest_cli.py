@@ -67,8 +67,8 @@ def test_data_file_with_labels_and_targets(fake, tmp_path):
 
 
 def test_registered_in_twinserve_cli(fake, tasks_dir, tmp_path, capsys):
-    """`twinserve loadtest` goes through server.cli; bad input still exits 2 with the task named."""
-    from server.cli import main as twinserve_main
+    """`twinserve loadtest` goes through cli.main; bad input still exits 2 with the task named."""
+    from cli.main import main as twinserve_main
     rc = twinserve_main(["loadtest", *_argv(tmp_path, fake.url, "--tasks", str(tasks_dir), "--mix", "bogus=1")])
     assert rc == 2 and "bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

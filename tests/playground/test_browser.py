@@ -65,7 +65,7 @@ def served(request, tmp_path_factory):
     env = dict(os.environ, TWINSERVE_THREADS="1", TWINSERVE_LOG_LEVEL="warning", TOKENIZERS_PARALLELISM="false")
     env.pop("TWINSERVE_API_KEY", None)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", str(artifact), "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", str(artifact), "--host", "127.0.0.1",
                                  "--port", str(port), "--model-name", "demo" if demo else "tiny"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

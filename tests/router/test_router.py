@@ -213,7 +213,7 @@ def routed_copy(routed_artifact, tmp_path):
 
 
 def test_cli_bad_data_exits_2_with_the_message(artifact_copy, tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     lines = good_lines()
     lines.insert(1, '{"prompt": "write a poem", "task": "poetry"}')
@@ -230,7 +230,7 @@ def test_cli_bad_data_exits_2_with_the_message(artifact_copy, tmp_path, capsys):
 
 
 def test_cli_trains_and_the_artifact_still_verifies(artifact_copy, tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     data = write_router_jsonl(tmp_path / "rows.jsonl", router_rows(10, seed=8))
     assert read_manifest(artifact_copy).router is None

@@ -328,6 +328,20 @@ def sampling_results(routed_artifact):
     return prompt, asyncio.run(main())
 
 
+
+def test_expert_mode_without_a_reader_refuses_to_start(routed_artifact):
+    """server/ does not import compression/: the dense experts' reader is passed to create_app (cli.main and
+    the test helpers pass compression's); without it mode `expert` stops at startup with the reason."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.memory import StartupError
+    from tests.conftest import server_settings
+
+    app = create_app(server_settings(routed_artifact, mode="expert"))
+    with pytest.raises(StartupError, match="mode `expert`.*expert reader"), TestClient(app):
+        pass
+
 def test_seed_makes_sampling_reproducible(sampling_results):
     _, r = sampling_results
     assert r["seed_a"]["text"] == r["seed_b"]["text"]

@@ -25,7 +25,7 @@ PROMPTS = ["add two and three, then five", "jim hikes", "purr ok"]   # 29, 10, 8
 
 @pytest.fixture(scope="module")
 def family_artifacts(tmp_path_factory):
-    from server.cli import build_with_parity
+    from compression.cli import build_with_parity
 
     cache: dict[str, tuple] = {}
 

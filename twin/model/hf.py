@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_utils import AttentionInterface
 from transformers.pytorch_utils import Conv1D
 
+from twin.errors import TwinserveError
 from twin.fusion import ExpertWeights, LowRankDeltas, add_delta_, materialize_weight, scale_by_expert
 
 ATTN_IMPLEMENTATION = "twinserve"
@@ -36,7 +37,7 @@ ATTN_IMPLEMENTATION = "twinserve"
 NON_PARAMETER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(TwinserveError):
     """The config's architecture (or one of its tensors) cannot be served exactly; the message says which."""
 
 

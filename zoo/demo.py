@@ -1,0 +1,69 @@
+"""`twinserve demo` (`make demo`): zoo (cached) -> artifact (cached, parity-gated) -> router -> eval.
+Registered into the `twinserve` command line (cli.main) through ``register(sub)``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def cmd_demo(args) -> int:
+    """zoo (cached) -> artifact (cached, parity-gated) -> router -> eval."""
+    from compression.cli import build_with_parity
+    from compression.recipe import load_recipe
+    from twin.artifact import ArtifactError, read_report, verify_artifact
+    from zoo.build import ZooSettings, build_zoo
+    info = build_zoo(args.zoo, ZooSettings(seed=args.seed), console=console)
+    recipe = load_recipe(Path(args.zoo) / "recipe.yaml")
+    out = Path(args.output)
+    fresh = False
+    try:
+        m = verify_artifact(out)
+        fresh = m.recipe == recipe.model_dump(mode="json") and m.zoo_fingerprint == info["fingerprint"]
+    except ArtifactError:
+        pass
+    if fresh:
+        console.print(f"[green]artifact cache hit[/] {out}")
+    else:
+        build_with_parity(recipe, out, zoo_fingerprint=info["fingerprint"])
+    ensure_demo_router(out, Path(args.zoo), console=console)
+    report = read_report(out)
+    if "quality" not in report or args.reeval:
+        from bench.quality import evaluate
+        from router.evaluate import router_weight_fn
+        evaluate(out, console=console, router_weights=router_weight_fn)
+    else:
+        from bench.quality import print_quality_table
+        print_quality_table(report, verify_artifact(out).expert_names, console)
+    return 0
+
+
+def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None) -> None:
+    """`make demo`: train the router from the zoo's router split unless the artifact already has one."""
+    from router.train import print_router_report, save_router, train_router
+    from twin.artifact import ROUTER, verify_artifact
+    from twin.loading import load_artifact
+    from zoo.build import load_task_split
+
+    console = console or Console(stderr=True)
+    if verify_artifact(artifact).router is not None:
+        console.print(f"[green]router cache hit[/] {artifact / ROUTER}")
+        return
+    art = load_artifact(artifact, device="cpu", dtype="float32", verify=False)
+    rows = load_task_split(zoo, "router", art.expert_names)
+    router, report = train_router(art, rows, console=console)
+    save_router(artifact, router, report)
+    print_router_report(report, art.expert_names, console)
+
+
+def register(sub) -> argparse.ArgumentParser:
+    d = sub.add_parser("demo", help="build (or reuse) the demo zoo and artifact, train the router, evaluate")
+    d.add_argument("--zoo", default="artifacts/zoo", help="zoo directory (default artifacts/zoo)")
+    d.add_argument("-o", "--output", default="artifacts/demo", help="artifact directory (default artifacts/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--reeval", action="store_true", help="re-run the evaluation even if report.json has one")
+    d.set_defaults(fn=cmd_demo)
+    return d
