@@ -168,7 +168,7 @@ def probe_kinds(config: PretrainedConfig, kinds: set[str] | None, recipe, workdi
     """``probe`` for experts that change the tensor kinds ``kinds`` (None: every tensor)."""
     from safetensors.torch import save_file
 
-    from zoo.synthetic import byte_tokenizer
+    from twin.tokenizer import byte_tokenizer
 
     from .build import build_artifact
     from .experts import expert_tensors

@@ -26,11 +26,7 @@ ALLOWED = {
 }
 # (file, imported package) arrows that still break the rule, each with the reason it is not fixed yet.
 # test_known_exceptions_still_exist fails once one is gone, so that it is removed from here too.
-KNOWN_EXCEPTIONS = {
-    # compression.probe.probe_kinds saves zoo.synthetic.byte_tokenizer beside its tiny model; moving
-    # byte_tokenizer into twin/ means editing compression/probe.py, which another change owns right now.
-    ("compression/probe.py", "zoo"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def package_files(pkg: str) -> list[Path]:

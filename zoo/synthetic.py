@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from twin.artifact import ShardWriter, atomic_dir
 from twin.errors import TwinserveError
+from twin.tokenizer import byte_tokenizer
 
 from .shapes import SHAPES
 
@@ -112,22 +112,6 @@ def lora_pair(name: str, shape: tuple[int, int], t: int, rank: int, alpha: float
     ba = (alpha / rank) * float(torch.linalg.matrix_norm(b @ a))
     b *= scale * 0.02 * math.sqrt(d_out * d_in) / ba
     return a, b
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE (256 byte tokens, no merges) + <|endoftext|> (256) and <|bos|> (257): encodes any
-    text offline. Ids from 258 up (random models emit them) decode to nothing."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|bos|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|bos|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
-    return fast
 
 
 def _write_model(out: Path, config: PretrainedConfig, tensors, shard_bytes: int) -> None:

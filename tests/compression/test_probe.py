@@ -85,7 +85,7 @@ def test_fused_moe_experts_merge_per_checkpoint_tensor(tmp_path):
     from compression.checkpoints import LazyState
     from compression.merging import merge_params, merge_tensor
     from twin.artifact import BACKBONE, load_tensors
-    from zoo.synthetic import byte_tokenizer
+    from twin.tokenizer import byte_tokenizer
 
     cfg = tiny_config(AutoConfig.for_model("qwen3_moe"))
     model = tiny_model(AutoConfig.for_model("qwen3_moe"))
