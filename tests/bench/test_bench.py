@@ -213,3 +213,19 @@ def test_identical_pinned_requests_in_one_batch(tiny_artifact):
     r = asyncio.run(go())
     check_all_generated(r, 3)
     assert r.requests == 4 and all(o == r.outputs[0] for o in r.outputs)
+
+
+def test_like_builds_the_synthetic_artifact_at_a_named_shape(tmp_path):
+    """--like: the synthetic artifact takes the shape table's dimensions (here the tiny Llama entry with 3
+    experts at rank 2) and is benched like any other."""
+    from zoo.shapes import SHAPES
+    out = tmp_path / "like.json"
+    report = run_bench(None, out, synthetic=True, like="tiny-llama", experts=3, rank=2, requests=4,
+                       batch_sizes=[2], max_tokens=2, modes=("backbone", "lowrank"), threads=1, min_seconds=0,
+                       synthetic_dir=tmp_path / "synth")
+    spec = report["config"]["synthetic"]
+    shape = SHAPES["tiny-llama"][1]
+    assert (spec["hidden_size"], spec["num_layers"], spec["num_kv_heads"], spec["vocab_size"]) == (
+        shape["hidden_size"], shape["num_hidden_layers"], shape["num_key_value_heads"], shape["vocab_size"])
+    assert spec["num_experts"] == 3 and spec["rank"] == 2
+    assert json.loads(out.read_text())["config"]["synthetic"] == spec
