@@ -36,7 +36,14 @@ from twin.artifact import (
 from twin.manifest import Manifest, TensorEntry
 
 from .checkpoints import CheckpointError, LazyState, PeftExpert, load_config, open_expert
-from .lowrank import allocate_ranks, dequantized_error, quantize_factors, spectrum, truncated_svd
+from .lowrank import (
+    allocate_ranks,
+    dequantized_error,
+    quantize_factors,
+    spectrum,
+    truncated_svd,
+    truncated_svd_of_product,
+)
 from .merging import merge_params, merge_tensor
 from .recipe import RankPolicy, Recipe, RecipeError
 
@@ -163,18 +170,23 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
     phases: dict[str, float] = {}
     merged_only: dict[str, str] = {}     # tensors the experts change that no Twin layer can carry -> reason
     refusal = delta_refusals(config)
+    coeffs = linear_coefficients(recipe.merge.method, params, len(experts)) \
+        if all(isinstance(e, PeftExpert) for e in experts) else None
 
-    def store_factors(ew: ShardWriter, pname: str, name: str, delta: torch.Tensor, rank: int | None,
-                      energy: float | None) -> None:
+    def store_factors(ew: ShardWriter, pname: str, name: str, delta: torch.Tensor | None, rank: int | None,
+                      energy: float | None, lr=None) -> None:
+        """Factor ``delta`` (or store ``lr``, already factored from an adapter's factors) and record it."""
         nonlocal n_keys
-        lr = truncated_svd(delta, rank=rank, energy=energy, max_rank=policy.max_rank, method=policy.svd)
-        counts["randomized_svd" if lr.method == "randomized" else "exact_svd"] += 1
+        if lr is None:
+            lr = truncated_svd(delta, rank=rank, energy=energy, max_rank=policy.max_rank, method=policy.svd)
+        counts[f"{lr.method}_svd"] = counts.get(f"{lr.method}_svd", 0) + 1
         stored = quantize_factors(lr, factor_dtype)
         for part, t in stored.tensors().items():
             ew.add(exclusive_key(pname, name, part), t)
             n_keys += 1
-        qerr = dequantized_error(lr, stored, float(torch.linalg.vector_norm(delta))) \
-            if factor_dtype != "float32" else 0.0
+        norm = float(torch.linalg.vector_norm(delta)) if delta is not None else \
+            float(torch.linalg.matrix_norm(lr.B @ lr.A)) / max(1e-30, (1 - lr.rel_error ** 2) ** 0.5)
+        qerr = dequantized_error(lr, stored, norm) if factor_dtype != "float32" else 0.0
         info = tensors[pname]
         info.ranks[name] = lr.rank
         info.rel_error[name] = round(lr.rel_error, 6)
@@ -226,6 +238,16 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
             elif keeps_delta(pname, policy):
                 tensors[pname] = TensorEntry(shape=list(b0.shape), kind="lowrank" if len(b0.shape) == 2 else "dense",
                                              factor_dtype=factor_dtype if len(b0.shape) == 2 else None)
+                lora = lora_products(pname, src, coeffs) \
+                    if coeffs is not None and len(b0.shape) == 2 and recipe.compress.budget is None else None
+                if lora is not None:      # δ_t = P_t Q_t exactly: factored from the adapters' own factors
+                    for name, (P, Q) in zip(names, lora):
+                        per_expert[name]["dense_delta_bytes"] += numel * esize
+                        store_factors(ew, pname, name, None, None, None, lr=truncated_svd_of_product(
+                            P, Q, rank=policy.rank, energy=policy.energy, max_rank=policy.max_rank))
+                    del theta_star, held
+                    bar.update(numel * (len(names) + 1) * esize)
+                    continue
                 for name, delta in deltas(pname, theta_star, held):
                     per_expert[name]["dense_delta_bytes"] += delta.numel() * esize
                     if delta.ndim != 2:
@@ -322,6 +344,50 @@ def merge_pieces(name: str, src: CheckpointSources, method: str, dtype, stats: d
         changed = changed or st["changed"]
     stats["changed"] = changed
     return fused.assemble(merged.pop)
+
+
+def linear_coefficients(method: str, params: dict, T: int) -> list[float] | None:
+    """c_t with θ* = θ_0 + Σ_t c_t τ_t, for the merges that are linear in the task vectors (None otherwise)."""
+    w = params.get("weights") or [1.0] * T
+    if method == "task_arithmetic":
+        scale = params.get("lam", 1.0) / (sum(w) if params.get("normalize") else 1.0)
+        return [scale * x for x in w]
+    if method == "average":
+        return [x / sum(w) for x in w]
+    if method == "linear" and params.get("normalize", True):
+        return [x / (sum(w) + params.get("base_weight", 0.0)) for x in w]
+    return None
+
+
+def lora_products(name: str, src: CheckpointSources, coeffs: list[float]) -> list | None:
+    """Per expert t, (P_t, Q_t) with δ_t = θ_t − θ* = τ_t − Σ_s c_s τ_s = P_t Q_t, from the adapters' own
+    factors (τ_s = scale_s B_s A_s), when every adapter leaves ``name`` alone or adapts it with a plain LoRA
+    pair (no DoRA, fan_in_fan_out, embedding LoRA, token rows or replacement); else None. θ*'s rounding to the
+    artifact dtype is not in δ_t here (it is in the gate's compression column)."""
+    pairs = []
+    for e in src.experts:
+        key = src.name_in(e, name)
+        if e.unchanged(key):
+            pairs.append(None)
+            continue
+        parts = e.pairs.get(key)
+        if (parts is None or set(parts) - {"A", "B", "bias"} or e.fan_in_fan_out or key in e.replaced
+                or key in e.tokens or key in e.base_layers):
+            return None
+        pairs.append((parts["B"].float() * e.scales[key], parts["A"].float()))
+    if all(p is None for p in pairs):
+        return None
+    out = []
+    for t, own in enumerate(pairs):
+        Ps, Qs = [], []
+        for s, other in enumerate(pairs):
+            if other is None:
+                continue
+            c = (1.0 if s == t else 0.0) - coeffs[s]
+            Ps.append(c * other[0])
+            Qs.append(other[1])
+        out.append((torch.cat(Ps, 1), torch.cat(Qs, 0)))
+    return out
 
 
 def delta_refusals(config: PretrainedConfig):

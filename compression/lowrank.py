@@ -90,6 +90,31 @@ def truncated_svd(delta: torch.Tensor, rank: int | None = None, energy: float | 
     return LowRank(B, A, err / norm2 ** 0.5, "randomized" if randomized else "exact")
 
 
+def truncated_svd_of_product(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None, energy: float | None = None,
+                             max_rank: int | None = None) -> LowRank:
+    """The truncated SVD of δ = P Q (P: d_out×k, Q: k×d_in, k small) without forming δ: QR of P and Qᵀ, then
+    the SVD of the k×k core R_P R_Qᵀ (float64). Exact — the whole spectrum is known, so the error is too.
+    A LoRA expert's δ_t under a linear merge is such a product (its own and the other adapters' factors)."""
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank and energy")
+    d_out, d_in = P.shape[0], Q.shape[1]
+    if P.shape[1] == 0:
+        return LowRank(P.new_zeros(d_out, 0).float(), Q.new_zeros(0, d_in).float(), 0.0, "factors")
+    qp, rp = torch.linalg.qr(P.double())
+    qq, rq = torch.linalg.qr(Q.double().T)
+    U, S, Vh = torch.linalg.svd(rp @ rq.T)
+    total = float(S.pow(2).sum())
+    if total == 0.0:
+        return LowRank(P.new_zeros(d_out, 0).float(), Q.new_zeros(0, d_in).float(), 0.0, "factors")
+    r = min(rank, len(S)) if rank is not None else rank_for_energy(S, energy)
+    if max_rank is not None:
+        r = min(r, max_rank)
+    B = (qp @ U[:, :r]) * S[:r]
+    A = Vh[:r] @ qq.T
+    rel = (max(0.0, float(S[r:].pow(2).sum())) / total) ** 0.5
+    return LowRank(B.float().contiguous(), A.float().contiguous(), rel, "factors")
+
+
 def spectrum(delta: torch.Tensor, max_rank: int | None, method: str = "auto", seed: int = 0) -> torch.Tensor:
     """The leading singular values of δ a rank allocation needs: all of them (exact) for small matrices,
     else the max_rank (default 256) leading ones from the randomized range finder."""
