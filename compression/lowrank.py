@@ -86,8 +86,15 @@ def truncated_svd(delta: torch.Tensor, rank: int | None = None, energy: float | 
         r = min(r, max_rank)
     B = (U[:, :r] * S[:r]).contiguous()
     A = Vh[:r].contiguous()
-    err = frobenius_rows(d_out, lambda lo, hi: d[lo:hi] - B[lo:hi] @ A)
-    return LowRank(B, A, err / norm2 ** 0.5, "randomized" if randomized else "exact")
+    # B A = U_r S_r V_rᵀ is an orthogonal projection of δ (exact SVD, or the range finder's Q Qᵀ δ), so
+    # ||δ − B A||² = ||δ||² − Σ_{i<r} s_i²: no pass over δ. Where that difference is below ~1e-4 of ||δ||²
+    # its fp32 cancellation would dominate, and the residual is measured directly instead.
+    rest = norm2 - float(S[:r].double().pow(2).sum())
+    if rest > 1e-4 * norm2:
+        rel = (rest / norm2) ** 0.5
+    else:
+        rel = frobenius_rows(d_out, lambda lo, hi: d[lo:hi] - B[lo:hi] @ A) / norm2 ** 0.5
+    return LowRank(B, A, rel, "randomized" if randomized else "exact")
 
 
 def truncated_svd_of_product(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None, energy: float | None = None,
