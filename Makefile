@@ -21,8 +21,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# one compute thread unless THREADS says otherwise: on a busy 2-core machine torch's default (2) made the
+# demo's training steps ~20x slower than 1
+THREADS ?= 1
 demo: install
-	$(BIN)/twinserve demo --zoo $(ARTIFACTS)/zoo -o $(ARTIFACTS)/demo
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/twinserve demo --zoo $(ARTIFACTS)/zoo -o $(ARTIFACTS)/demo
 
 run: demo
 	$(BIN)/twinserve serve $(ARTIFACTS)/demo --host $(HOST) --port $(PORT)
