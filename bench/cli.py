@@ -164,7 +164,8 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         report["bounds"] = compute_bounds(runs, SYNTHETIC_LABEL, ratio_batch, syn.get("linear_macs"),
                                           syn.get("roofline"))
         report["identity"] = syn["identity"]
-        report["targets"] = check_targets(report["ratios"], report["identity"], dtype, quick or like is not None)
+        report["targets"] = check_targets(report["ratios"], report["identity"], dtype,
+                                          quick or (f"set for the hidden-1024 spec, not --like {like}" if like else False))
     if label is not None:
         report["demo_ratios"] = compute_ratios(runs, label, ratio_batch)
         report["demo_identity"] = by_label[label].info["identity"]

@@ -127,16 +127,18 @@ def _all_identical(entry: dict | None) -> tuple[str | None, bool | None]:
     return f"{same}/{n}", (same == n) if n else None
 
 
-def check_targets(ratios: dict, identity: dict | None = None, dtype: str = "float32", quick: bool = False) -> dict:
+def check_targets(ratios: dict, identity: dict | None = None, dtype: str = "float32", quick: bool | str = False) -> dict:
     """Ratio targets, and greedy-identity targets. Identity is a target of the full-precision path only: in
     bf16, fused weights (materialize) and activation-side deltas (lowrank) round differently, as do GEMMs
     blocked for batch 1 and batch 16, so a near-tie argmax may flip. bf16 identity is reported, not judged.
-    ``quick``: the tiny model's timed loops last milliseconds, so no throughput target is judged."""
+    ``quick``: the tiny model's timed loops last milliseconds, so no throughput target is judged (a string
+    gives another reason, e.g. a --like shape the targets were not set for)."""
     out = {}
     for key, (op, bound) in TARGETS.items():
         v = ratios.get(key)
         ok = None if v is None or (quick and key != "memory_vs_backbone") else (v >= bound if op == ">=" else v <= bound)
-        out[key] = {"target": f"{op} {bound}" + (" (not judged: --quick)" if quick and ok is None else ""),
+        out[key] = {"target": f"{op} {bound}" + (f" (not judged: {quick if isinstance(quick, str) else '--quick'})"
+                                                 if quick and ok is None else ""),
                     "value": v, "pass": ok}
     for key in IDENTITY_TARGETS:
         v, ok = _all_identical((identity or {}).get(key))
