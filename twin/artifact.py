@@ -172,6 +172,10 @@ def verify_artifact(path: str | Path) -> Manifest:
     for required in (BACKBONE, EXCLUSIVE):
         if required not in files and index_name(required) not in files:
             raise ArtifactError(f"{path / MANIFEST}: does not list {required}")
+    unlisted = [rel for rel in _listing(path) if rel not in files]
+    if unlisted:     # a file nothing checksums would be loaded unchecked (a router, a shard, a tokenizer file)
+        raise ArtifactError(f"{path / unlisted[0]}: not listed in manifest.json (added or left after the build); "
+                            f"remove it or rebuild ({len(unlisted)} unlisted file(s))")
     for rel, meta in files.items():
         f = path / rel
         if not f.resolve().is_relative_to(path.resolve()):

@@ -315,3 +315,17 @@ def test_artifact_files_are_world_readable(tiny_artifact):
     for f in tiny_artifact.rglob("*"):
         mode = stat.S_IMODE(f.stat().st_mode)
         assert mode & 0o004, f"{f} is not world-readable ({oct(mode)})"
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(tiny_artifact, tmp_path):
+    """An unlisted file (a router dropped in by hand, a stray shard) would load without a checksum: refused,
+    naming it."""
+    import shutil
+
+    from twin.artifact import ArtifactError, verify_artifact
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    verify_artifact(art)
+    (art / "router.safetensors").write_bytes(b"not a router")
+    with pytest.raises(ArtifactError, match="router.safetensors: not listed in manifest.json"):
+        verify_artifact(art)
