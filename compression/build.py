@@ -32,6 +32,7 @@ from twin.artifact import (
     atomic_dir,
     exclusive_key,
     finalize_manifest,
+    read_manifest,
 )
 from twin.manifest import Manifest, TensorEntry
 
@@ -128,8 +129,13 @@ class _Rows:
 
 
 def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
-                   zoo_fingerprint: str | None = None, shard_bytes: int = SHARD_BYTES) -> Manifest:
+                   zoo_fingerprint: str | None = None, shard_bytes: int = SHARD_BYTES,
+                   before_publish=None) -> Manifest:
     """Build the artifact for ``recipe`` into ``out`` atomically; return the manifest.
+
+    ``before_publish(tmp)`` runs on the finished artifact in its temp dir before it is renamed into place
+    (the parity gate): if it raises, nothing is published and an artifact already at ``out`` is untouched;
+    if the process dies there, no artifact without a gate result ever appears at ``out``.
 
     Streamed: one tensor in flight. Each tensor of θ* is merged in row blocks from the checkpoints'
     mmaps (``merge_tensor`` with row readers), each δ_t = θ_t − θ* is factored while θ* is in hand, and
@@ -316,8 +322,11 @@ def build_artifact(recipe: Recipe, out: str | Path, quiet: bool = False,
         manifest = finalize_manifest(tmp, manifest)
         phases["checksum_s"] = round(time.perf_counter() - t_write, 2)
         report["build"]["seconds"] = round(time.perf_counter() - t0, 2)
-    if not quiet:
-        print_build_table(report)
+        if not quiet:
+            print_build_table(report)
+        if before_publish is not None:
+            before_publish(tmp)
+            manifest = read_manifest(tmp)
     return manifest
 
 

@@ -34,14 +34,14 @@ def cmd_build(args) -> int:
 
 def build_with_parity(recipe, out, skip_parity: bool = False, estimate: dict | None = None,
                       **build_kwargs) -> None:
-    """Refuse an unserveable base in seconds, build, then run the parity gate (removing the artifact when
-    the served model differs from transformers) and record its result and the phase times."""
-    import shutil
+    """Refuse an unserveable base in seconds, build, then run the parity gate on the artifact before it is
+    published (a build whose served model differs from transformers leaves nothing at ``out``, and an
+    artifact already there untouched) and record its result and the phase times."""
     import time
 
     from compression.build import build_artifact
     from compression.experts import expert_tensors
-    from compression.parity import ParityError, check_parity, record_parity
+    from compression.parity import check_parity, record_parity
     check_base_supported(recipe.base)   # before any merge work: seconds, not the whole build
     t0 = time.perf_counter()
     quiet = build_kwargs.get("quiet", False)
@@ -53,23 +53,23 @@ def build_with_parity(recipe, out, skip_parity: bool = False, estimate: dict | N
     probe_recipe(recipe, phase)
 
     phase("merge + factor (θ* and the δ_t factors, streamed to the artifact's shards)")
-    build_artifact(recipe, out, **build_kwargs)
-    if skip_parity:
-        record_parity(out, None, skipped=True, extra={"estimate": estimate})
-        console.print("[yellow]parity gate skipped (--skip-parity, recorded in the manifest)[/]")
-        return
-    t_gate = time.perf_counter()
-    phase("parity gate (served step vs transformers, one decoder block resident at a time)")
-    try:
-        report = check_parity(out, expert_tensors, console=None if quiet else console,
+
+    def gate(tmp) -> None:
+        """On the finished artifact in its temp dir: it is renamed into place only after this passes."""
+        if skip_parity:
+            record_parity(tmp, None, skipped=True, extra={"estimate": estimate})
+            console.print("[yellow]parity gate skipped (--skip-parity, recorded in the manifest)[/]")
+            return
+        t_gate = time.perf_counter()
+        phase("parity gate (served step vs transformers, one decoder block resident at a time)")
+        report = check_parity(tmp, expert_tensors, console=None if quiet else console,
                               progress=lambda what: phase(f"  gate: {what}"))
-    except ParityError:
-        shutil.rmtree(out, ignore_errors=True)   # never leave an artifact that serves wrong logits
-        raise
-    gate_s = round(time.perf_counter() - t_gate, 2)
-    record_parity(out, report, extra={"gate_s": gate_s, "total_s": round(time.perf_counter() - t0, 2),
-                                      "estimate": estimate})
-    phase(f"done: gate {gate_s:.0f} s")
+        gate_s = round(time.perf_counter() - t_gate, 2)
+        record_parity(tmp, report, extra={"gate_s": gate_s, "total_s": round(time.perf_counter() - t0, 2),
+                                          "estimate": estimate})
+        phase(f"done: gate {gate_s:.0f} s")
+
+    build_artifact(recipe, out, before_publish=gate, **build_kwargs)
 
 
 def probe_recipe(recipe, phase) -> None:

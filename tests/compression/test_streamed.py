@@ -271,3 +271,21 @@ def test_lora_experts_under_a_linear_merge_are_factored_from_their_own_factors(s
             B, A = stored_factors(exclusive, name, spec.name)
             want = expert.get(name).float() - backbone[name].float()
             assert torch.allclose(B @ A, want, atol=1e-6, rtol=1e-4)
+
+
+def test_the_gate_runs_before_the_artifact_is_published(synthetic_full, tmp_path, capsys, monkeypatch):
+    """A failing gate publishes nothing: an artifact already at the target stays as it was, and no temp dir
+    is left (the gate runs on the temp dir, before the rename)."""
+    from compression import parity
+    out = tmp_path / "art"
+    assert main(["build", str(synthetic_full / "recipe.yaml"), "-o", str(out), "--skip-parity"]) == 0
+    before = verify_artifact(out).files
+
+    def fail(*_a, **_k):
+        raise parity.ParityError("parity gate: forced for the test")
+
+    monkeypatch.setattr(parity, "check_parity", fail)
+    assert main(["build", str(synthetic_full / "recipe.yaml"), "-o", str(out)]) == 2
+    assert "forced for the test" in capsys.readouterr().err
+    assert verify_artifact(out).files == before and verify_artifact(out).skip_parity is True
+    assert not list(tmp_path.glob(".art.*"))
