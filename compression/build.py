@@ -106,9 +106,6 @@ class CheckpointSources:
     def rows(self, src, name: str) -> _Rows:
         return _Rows(src, self.name_in(src, name), self.base.shape(self.name_in(self.base, name)))
 
-    def all(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.read(self.base, name), [self.read(e, name) for e in self.experts]
-
     def unchanged(self, name: str) -> bool:
         """No expert changes ``name`` (LoRA adapters that leave it alone): θ* = θ_0 there and every δ_t = 0."""
         return all(self.name_in(e, name) == self.name_in(self.base, name) and e.unchanged(self.name_in(e, name))

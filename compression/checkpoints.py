@@ -98,12 +98,6 @@ class LazyState:
         f = self._fused(name)
         return f.rows(self.raw_get, lo, hi) if f is not None else self.raw_rows(self._key(name), lo, hi)
 
-    def dtype(self, name: str) -> torch.dtype:
-        from safetensors.torch import _getdtype
-        key = (self.pieces(name) or [self._key(name)])[0]
-        with safe_open(str(self._where[key]), framework="pt") as h:
-            return _getdtype(h.get_slice(key).get_dtype())
-
     # ---- the checkpoint's own tensors -----------------------------------------------------------------
     def raw_shape(self, key: str) -> tuple[int, ...]:
         with safe_open(str(self._where[key]), framework="pt") as h:

@@ -206,10 +206,6 @@ def tensor_files(path: Path, name: str) -> list[Path]:
     return [path / name]
 
 
-def has_tensors(path: Path, name: str) -> bool:
-    return (path / name).is_file() or (path / index_name(name)).is_file()
-
-
 def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in tensor_files(Path(path), name):
