@@ -27,6 +27,7 @@ Disconnected = Callable[[], Awaitable[bool]]
 class Prompt:
     ids: list[int]
     text: str          # what echo prepends: the prompt string, or the decoded token ids
+    offsets: list[int] | None = None   # each token's character offset in ``text`` (echo with logprobs)
 
 
 @dataclass
@@ -137,14 +138,35 @@ class Service:
         except (TypeError, UnicodeError) as e:   # text no tokenizer takes (the protocol already refuses
             raise BadRequest(f"{param}: cannot be tokenized ({e})", param=param) from None   # lone surrogates)
 
+    def encode_with_offsets(self, text: str, param: str = "prompt") -> Prompt:
+        """As ``encode(text)`` (the same ids: encode_prompt is the tokenizer's own call with its special
+        tokens), plus the start of each token's span in ``text``; added special tokens start at 0 or
+        where the previous token ended."""
+        try:
+            enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        except (TypeError, UnicodeError) as e:
+            raise BadRequest(f"{param}: cannot be tokenized ({e})", param=param) from None
+        starts, end = [], 0
+        for s, e in enc["offset_mapping"]:
+            if e > s:   # a real span; special tokens the tokenizer added have the empty span (0, 0)
+                end = e
+                starts.append(s)
+            else:
+                starts.append(end)
+        return Prompt(list(enc["input_ids"]), text, starts)
+
     def check_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise BadRequest(f"{param}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                              param=param)
 
-    def prompt(self, p: str | list[int], param: str = "prompt") -> Prompt:
+    def prompt(self, p: str | list[int], param: str = "prompt", offsets: bool = False) -> Prompt:
+        """``offsets``: also each token's character offset in the prompt string, from the tokenizer's own
+        offset mapping (a character it maps to <unk>, such as é or an emoji, still spans its character)."""
         if isinstance(p, str):
+            if offsets and getattr(self.tokenizer, "is_fast", False):
+                return self.encode_with_offsets(p, param)
             return Prompt(self.encode(p, True, param), p)
         self.check_ids(p, param)
         return Prompt(list(p), self.tokenizer.decode(p, skip_special_tokens=True))
@@ -173,7 +195,8 @@ class Service:
     # ---- calls ------------------------------------------------------------------------------------
     def completion_prompts(self, body: CompletionRequest) -> list[Prompt]:
         """Encoded prompts (blocking: routes call it off the event loop)."""
-        return [self.prompt(p) for p in body.prompts]
+        offsets = bool(body.echo) and body.logprobs is not None
+        return [self.prompt(p, offsets=offsets) for p in body.prompts]
 
     def completion_call(self, body: CompletionRequest, prompts: list[Prompt] | None = None) -> Call:
         prompts = self.completion_prompts(body) if prompts is None else prompts
@@ -312,12 +335,17 @@ class Service:
                      [(self.token_text(t), lp) for t, lp in rec.top], base + (rec.offset or 0))
 
     def _prompt_entries(self, prompt: Prompt, records: list[TokenLogprob | None]) -> list[Entry]:
-        """Echoed prompt tokens: offsets from incremental decoding; the first token's logprob is None."""
+        """Echoed prompt tokens; the first token's logprob is None. Offsets index the echoed text: a string
+        prompt's come from the tokenizer's offset mapping (``Prompt.offsets``); token-id prompts echo their
+        decoded text, whose offsets come from decoding the same ids incrementally."""
         out, text_len, p, r = [], 0, 0, 0
         for i, tok in enumerate(prompt.ids):
             rec = records[i]
             top = None if rec is None else [(self.token_text(t), lp) for t, lp in rec.top]
-            out.append(Entry(self.token_text(tok), None if rec is None else rec.logprob, top, text_len))
-            delta, p, r = detokenize_step(self.tokenizer, prompt.ids[:i + 1], p, r, final=i == len(prompt.ids) - 1)
-            text_len += len(delta)
+            offset = prompt.offsets[i] if prompt.offsets is not None else text_len
+            out.append(Entry(self.token_text(tok), None if rec is None else rec.logprob, top, offset))
+            if prompt.offsets is None:
+                delta, p, r = detokenize_step(self.tokenizer, prompt.ids[:i + 1], p, r,
+                                              final=i == len(prompt.ids) - 1)
+                text_len += len(delta)
         return out

@@ -381,3 +381,26 @@ def test_tokenisation_runs_off_the_event_loop(routed_artifact):
                 t.join(60)
             tok.encode = real
         assert results["completion"].status_code == 200 and results["chat"].status_code == 200
+
+
+# ----------------------------------------------------------------------------- echoed prompt offsets
+
+@pytest.mark.parametrize("prompt", ["café ok", "a\u00a0b 😀 c", "Upper éé x"])
+def test_echo_text_offsets_index_the_echoed_prompt(c, prompt):
+    """Characters the tokenizer maps to <unk> (é, an emoji, a no-break space, capitals here) decode to no
+    text; each token's offset is still where its own character starts in the echoed prompt."""
+    out = c.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 1,
+                                          "max_tokens": 2, "temperature": 0}).json()
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    tok = c.app.state.service.tokenizer
+    enc = tok(prompt, return_offsets_mapping=True)
+    n = len(enc["input_ids"])
+    assert choice["text"].startswith(prompt)
+    assert lp["text_offset"][0] == 0 and lp["tokens"][0] == "<bos>"
+    assert lp["text_offset"][1:n] == [s for s, _ in enc["offset_mapping"][1:]] == list(range(len(prompt)))
+    for off, token in zip(lp["text_offset"][1:n], lp["tokens"][1:n]):   # every prompt token at its character
+        assert token == "<unk>" or choice["text"][off] == token
+    # generated tokens continue after the echoed prompt, never before it
+    assert all(o >= len(prompt) for o in lp["text_offset"][n:])
+    assert lp["text_offset"] == sorted(lp["text_offset"])
