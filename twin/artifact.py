@@ -1,7 +1,7 @@
 """The artifact: the contract between build and serve.
 
     manifest.json          twin.manifest.Manifest: format + version, config, experts, merge, ranks, router,
-                           parity, sha256 of every file
+                           parity, sha256 of every file, and its own sha256 (manifest_sha256)
     backbone.safetensors   θ*
     exclusive.safetensors  "{param}::{expert}::A" / "::B" factors of 2-D deltas, "::delta" for 1-D deltas;
                            int8 factors carry "::A_scale" / "::B_scale" (one fp32 scale per rank component)
@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import TwinserveError
-from .manifest import FORMAT, FORMAT_VERSION, Manifest, manifest_from_json
+from .manifest import FORMAT, FORMAT_VERSION, SELF_CHECKSUM_SINCE, Manifest, manifest_from_json
 
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.safetensors"
@@ -64,12 +64,22 @@ def make_readable(root: Path) -> None:
         p.chmod(0o755 if p.is_dir() else 0o644)
 
 
+def manifest_digest(data: dict) -> str:
+    """sha256 of a parsed manifest.json without its ``manifest_sha256`` field, as canonical JSON (sorted
+    keys, no whitespace): what the build records and verification recomputes."""
+    rest = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     allow_nan=True).encode()).hexdigest()
+
+
 def finalize_manifest(root: Path, manifest: Manifest) -> Manifest:
     """Record size and sha256 of every file under ``root`` and write manifest.json at the current format
-    version (all files world-readable); return the manifest as written."""
+    version, covered by its own checksum (all files world-readable); return the manifest as written."""
     files = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in _listing(root)}
     manifest = Manifest.model_validate(dict(manifest.model_dump(), format=FORMAT, format_version=FORMAT_VERSION,
-                                            files=files))
+                                            files=files, manifest_sha256=None))
+    # the digest of exactly what a reader parses back (floats as JSON writes them)
+    manifest = manifest.model_copy(update={"manifest_sha256": manifest_digest(json.loads(manifest.to_json()))})
     (root / MANIFEST).write_text(manifest.to_json())
     make_readable(root)
     return manifest
@@ -146,8 +156,9 @@ def replace_file(path: Path, data: bytes | str) -> None:
     path.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Parse and validate manifest.json (no checksums); ArtifactError names the file, version or field."""
+def read_manifest(path: str | Path, check_self: bool = False) -> Manifest:
+    """Parse and validate manifest.json; ArtifactError names the file, version or field. ``check_self``:
+    also its own checksum (format 3 on), so a manifest edited after the build is refused."""
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
@@ -159,15 +170,24 @@ def read_manifest(path: str | Path) -> Manifest:
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{mpath}: cannot parse: {e}") from None
     try:
-        return manifest_from_json(data, str(mpath))
+        manifest = manifest_from_json(data, str(mpath))
     except ValueError as e:
         raise ArtifactError(str(e)) from None
+    if check_self and manifest.format_version >= SELF_CHECKSUM_SINCE:
+        if manifest.manifest_sha256 is None:
+            raise ArtifactError(f"{mpath}: has no manifest_sha256 (format {manifest.format_version} records the "
+                                "manifest's own checksum); it was edited or written by hand: rebuild the artifact")
+        if manifest_digest(data) != manifest.manifest_sha256:
+            raise ArtifactError(f"{mpath}: checksum mismatch (manifest_sha256 differs from its contents); the "
+                                "manifest was edited after the build: rebuild the artifact")
+    return manifest
 
 
 def verify_artifact(path: str | Path) -> Manifest:
-    """Check version, presence, size and sha256 of every file; return the manifest."""
+    """Check version, the manifest's own checksum, and presence, size and sha256 of every file (no file the
+    manifest does not list); return the manifest."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, check_self=True)
     files = manifest.files
     for required in (BACKBONE, EXCLUSIVE):
         if required not in files and index_name(required) not in files:
@@ -188,6 +208,19 @@ def verify_artifact(path: str | Path) -> Manifest:
         if sha256_file(f) != meta.sha256:
             raise ArtifactError(f"{f}: checksum mismatch (sha256 differs from manifest.json); file was modified")
     return manifest
+
+
+def check_json_files(path: str | Path) -> None:
+    """Every JSON file of the artifact but the manifest (tokenizer files, shard indexes, report) parses:
+    ArtifactError naming the file otherwise (the tokenizer libraries' own errors name none)."""
+    path = Path(path)
+    for f in sorted(path.rglob("*.json")):
+        if f.name == MANIFEST and f.parent == path:
+            continue
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{f}: not valid JSON ({e}); the file is damaged: rebuild the artifact") from None
 
 
 def index_name(name: str) -> str:

@@ -7,9 +7,11 @@ attributes. Format history:
   2  factors may be quantised (int8 with one scale per rank component, or bf16) and are dequantised on
      load; per-tensor ``factor_dtype`` and ``quant_error``; ``parity`` report and ``skip_parity``;
      ``generation`` (the base's generation_config.json copied into the artifact root)
+  3  ``manifest_sha256``: the manifest's own checksum (sha256 of its canonical JSON without that field),
+     so a manifest edited after the build is refused like any other modified file
 
-A version-1 manifest is upgraded in memory (its fields are a subset of version 2); any other version
-is refused with a message naming it.
+Version-1 and -2 manifests are read as before (their fields are a subset of version 3; they carry no
+checksum of their own); any other version is refused with a message naming it.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FORMAT = "twinserve-artifact"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SELF_CHECKSUM_SINCE = 3   # manifests of this version and later must carry manifest_sha256
 FactorDType = Literal["float32", "bfloat16", "float16", "int8"]
 
 
@@ -99,6 +102,9 @@ class Manifest(_Model):
     zoo_fingerprint: str | None = None
     synthetic: dict[str, Any] | None = None
     files: dict[str, FileEntry] = Field(default_factory=dict)
+    manifest_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                        description="sha256 of this manifest's canonical JSON without this field "
+                                                    "(twin.artifact.manifest_digest); written last by the build")
 
     @property
     def expert_names(self) -> list[str]:

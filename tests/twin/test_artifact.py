@@ -44,7 +44,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def test_built_artifact_verifies_and_lists_every_file(tiny_artifact):
     manifest = verify_artifact(tiny_artifact)
-    assert manifest.format == FORMAT and manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.format == FORMAT and manifest.format_version == FORMAT_VERSION == 3
     on_disk = sorted(str(p.relative_to(tiny_artifact)) for p in tiny_artifact.rglob("*")
                      if p.is_file() and p.name != MANIFEST)
     assert sorted(manifest.files) == on_disk
@@ -104,12 +104,13 @@ def test_deleted_file_is_reported_missing(artifact_copy, rel):
 def test_manifest_without_backbone_entry_is_rejected(artifact_copy):
     m = json.loads((artifact_copy / MANIFEST).read_text())
     del m["files"][BACKBONE]
+    m["manifest_sha256"] = art.manifest_digest(m)     # as a build that forgot it would have sealed it
     (artifact_copy / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match=f"does not list {BACKBONE}"):
         verify_artifact(artifact_copy)
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", "2", None, True])
+@pytest.mark.parametrize("version", [4, 0, "1", "2", "3", None, True])
 def test_other_format_version_is_rejected(artifact_copy, version):
     m = json.loads((artifact_copy / MANIFEST).read_text())
     m["format_version"] = version
@@ -122,7 +123,7 @@ def test_other_format_version_is_rejected(artifact_copy, version):
 def _as_v1(artifact: Path) -> dict:
     """Rewrite a built manifest as format version 1 wrote it: no factor_dtype / quant_error / parity fields."""
     m = json.loads((artifact / MANIFEST).read_text())
-    for key in ("parity", "skip_parity", "untied_head", "tokenizer", "synthetic"):
+    for key in ("parity", "skip_parity", "untied_head", "tokenizer", "synthetic", "manifest_sha256"):
         m.pop(key)
     for info in m["tensors"].values():
         info.pop("factor_dtype")
