@@ -19,21 +19,24 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from twin import __version__
+from twin.errors import TwinserveError
 
 from .errors import APIError, InternalError, PayloadTooLarge
+from .memory import StartupError
 from .settings import Settings
 
 log = logging.getLogger("twinserve")
 startup_log = logging.getLogger("uvicorn.error")   # printed with uvicorn's own startup lines
 
 
-def load_state(app: FastAPI, settings: Settings, expert_reader: Callable | None = None) -> None:
-    """Blocking: verify and load the artifact, router, metrics, engine; attach them to app.state."""
+def load_state(app: FastAPI, settings: Settings, expert_reader: Callable | None = None,
+               verified: bool = False) -> None:
+    """Blocking: verify and load the artifact, router, metrics, engine; attach them to app.state.
+    ``verified``: the caller has just checked the checksums (`twinserve serve`): they are not computed twice."""
     from router.model import load_router
     from twin.loading import load_artifact
 
     from .engine import Engine
-    from .memory import StartupError
     from .metrics import Metrics
     from .service import Service
 
@@ -43,13 +46,14 @@ def load_state(app: FastAPI, settings: Settings, expert_reader: Callable | None 
                            "(`twinserve serve` passes it)")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    from twin.artifact import read_manifest
+    from twin.artifact import check_json_files, read_manifest
 
     from .serve_cli import memory_plan
     t0 = time.perf_counter()
     plan = memory_plan(settings, read_manifest(settings.artifact))
+    check_json_files(settings.artifact)   # a damaged tokenizer.json named, not a bare parser error
     art = load_artifact(settings.artifact, device=settings.device, dtype=settings.dtype,
-                        verify=settings.verify_artifact, with_experts=settings.mode != "backbone",
+                        verify=settings.verify_artifact and not verified, with_experts=settings.mode != "backbone",
                         expert_reader=expert_reader,
                         prepack_batch=settings.max_batch_size if settings.prepack and settings.max_batch_size >= 4
                         else None)
@@ -154,18 +158,52 @@ class LimitBody:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(settings: Settings | None = None, expert_reader: Callable | None = None) -> FastAPI:
+class OneLineStartupRefusal:
+    """Pure ASGI middleware: when the app's startup refuses (a domain error: a bad artifact file, settings
+    that cannot fit), the lifespan failure uvicorn logs is that one line, not starlette's traceback; with
+    ``quiet`` nothing is logged (`twinserve serve` prints the refusal itself and exits 2)."""
+
+    def __init__(self, app: ASGIApp, quiet: bool = False):
+        self.app, self.quiet = app, quiet
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_refusal(message: Message) -> None:
+            refusal = getattr(scope["app"].state, "startup_error", None) if "app" in scope else None
+            if message["type"] == "lifespan.startup.failed" and refusal is not None:
+                message = {**message, "message": "" if self.quiet else f"refusing to start: {refusal}"}
+            await send(message)
+
+        await self.app(scope, receive, send_refusal)
+
+
+def create_app(settings: Settings | None = None, expert_reader: Callable | None = None, verified: bool = False,
+               report_startup_error: bool = True) -> FastAPI:
     """The app for ``settings`` (default: from TWINSERVE_* variables); the artifact loads in its lifespan.
 
     ``expert_reader(manifest, t)`` -> expert t's full state under HF names: what mode `expert` serves
     (compression.experts.read_expert_state; the caller passes it, as server/ does not import compression/).
     Other modes never call it; mode `expert` without one refuses to start.
+    ``verified``: the caller verified the artifact's checksums just now (not computed again).
+    A refusal at startup (TwinserveError, or a file that cannot be read) is kept in ``app.state.startup_error``
+    and logged as one line (``report_startup_error`` False: not logged; the caller reports it).
     """
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(load_state, app, settings, expert_reader)
+        try:
+            await asyncio.to_thread(load_state, app, settings, expert_reader, verified)
+        except TwinserveError as e:
+            app.state.startup_error = e
+            raise
+        except OSError as e:   # a file the server cannot read (permissions, I/O error): named, one line
+            app.state.startup_error = StartupError(f"{e.filename or settings.artifact}: cannot read: "
+                                                   f"{e.strerror or e}")
+            raise
         await app.state.engine.start()
         startup_log.info("twinserve ready: %s (%s mode, %s experts)", settings.artifact, settings.mode,
                  len(app.state.artifact.expert_names))
@@ -214,6 +252,7 @@ def create_app(settings: Settings | None = None, expert_reader: Callable | None 
 
     app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)   # inside CountRequests: 413s counted
     app.add_middleware(CountRequests)
+    app.add_middleware(OneLineStartupRefusal, quiet=not report_startup_error)
     if settings.allowed_origins:   # CORS off by default; outermost, so error responses carry its headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                            allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers)

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -87,6 +88,8 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.accepting = False
         self.ready = False
+        self._drain_deadline: float | None = None
+        self._stopped = False
         self.eos_ids = art.eos_token_ids
 
     @property
@@ -108,15 +111,28 @@ class Engine:
         self.ready = True
         self._task = asyncio.create_task(self._loop(), name="twinserve-engine")
 
-    async def stop(self, drain_s: float | None = None) -> None:
-        """Stop admitting, let in-flight requests finish (up to drain_s), then stop the loop.
+    async def drain(self, drain_s: float | None = None, abort: Callable[[], bool] | None = None) -> bool:
+        """Stop admitting and wait until every admitted request (running or queued) has finished, up to
+        drain_s (default: drain_timeout_s) from the first call, or until ``abort()``. True when idle.
 
         While draining, ``accepting`` is False and ``ready`` still True (/ready answers 503 "draining")."""
         self.accepting = False
-        drain_s = self.settings.drain_timeout_s if drain_s is None else drain_s
-        t_end = time.monotonic() + drain_s
-        while not self.scheduler.idle and time.monotonic() < t_end:
+        limit = time.monotonic() + (self.settings.drain_timeout_s if drain_s is None else drain_s)
+        if self._drain_deadline is None or (drain_s is not None and limit < self._drain_deadline):
+            self._drain_deadline = limit   # an explicit drain_s can only shorten a drain under way
+        while not self.scheduler.idle and time.monotonic() < self._drain_deadline and not (abort and abort()):
             await asyncio.sleep(0.05)
+        return self.scheduler.idle
+
+    async def stop(self, drain_s: float | None = None) -> None:
+        """Drain (see ``drain``; a drain already under way keeps its deadline), then stop the loop; requests
+        still admitted get a "shutting down" error. Once only: later calls return at once."""
+        if self._stopped:
+            return
+        await self.drain(drain_s)
+        if self._stopped:
+            return
+        self._stopped = True
         self.ready = False
         if self._task is not None:
             self._task.cancel()

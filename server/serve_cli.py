@@ -4,11 +4,16 @@ from __future__ import annotations
 import argparse
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import get_args
 
 from twin.errors import UsageError
 
+from .memory import StartupError
 from .settings import Mode, Settings
+
+SHUTDOWN_TAIL_S = 5   # after the drain: uvicorn's wait for the last responses to flush (timeout_graceful_shutdown)
+STOP_MARGIN_S = 10    # a supervisor's stop timeout must be at least drain_timeout_s + this (docs, deploy/)
 
 
 def cmd_serve(args, expert_reader: Callable | None = None) -> int:
@@ -16,9 +21,10 @@ def cmd_serve(args, expert_reader: Callable | None = None) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from twin.artifact import verify_artifact
+    from twin.artifact import read_manifest, verify_artifact
 
     from .app import create_app
+    from .shutdown import DrainingServer
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     try:
         settings = Settings(**overrides)
@@ -26,11 +32,36 @@ def cmd_serve(args, expert_reader: Callable | None = None) -> int:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])} (--{str(err['loc'][0]).replace('_', '-')} or "
                              f"TWINSERVE_{str(err['loc'][0]).upper()}): {err['msg']}" for err in e.errors())
         raise UsageError(f"invalid setting: {problems}") from None
-    manifest = verify_artifact(settings.artifact)  # fail fast with a clear message, before uvicorn starts
+    # fail fast with a clear message, before uvicorn starts; the checksums are computed here, once
+    manifest = verify_artifact(settings.artifact) if settings.verify_artifact else read_manifest(settings.artifact)
+    check_parity_recorded(settings, manifest)
     memory_plan(settings, manifest)                # and refuse settings that cannot fit, with the numbers
-    uvicorn.run(create_app(settings, expert_reader=expert_reader), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    app = create_app(settings, expert_reader=expert_reader, verified=settings.verify_artifact,
+                     report_startup_error=False)
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           timeout_graceful_shutdown=SHUTDOWN_TAIL_S), app)
+    try:
+        server.run()
+    except SystemExit:       # uvicorn's exit 3 when the app's startup fails
+        refusal = getattr(app.state, "startup_error", None)
+        if refusal is not None:   # a refusal (bad file, settings): one line, exit 2, no traceback
+            raise refusal from None
+        raise                     # anything else uvicorn has logged with its traceback
     return 0
+
+
+def check_parity_recorded(settings: Settings, manifest) -> None:
+    """An artifact whose build recorded no parity result was never compared with transformers (a gate killed
+    part-way, or a build made without the gate): refused unless the build ran with --skip-parity (recorded in
+    the manifest), or the operator says so (require_parity false). A synthetic artifact has no experts to
+    compare with."""
+    from twin.artifact import MANIFEST
+    if manifest.parity or manifest.skip_parity or manifest.synthetic is not None or not settings.require_parity:
+        return
+    raise StartupError(f"{Path(settings.artifact) / MANIFEST}: no parity result (parity is null and the build did "
+                       "not run with --skip-parity: the parity gate never ran or never finished); rebuild with "
+                       "`twinserve build`, or serve it unchecked with --no-require-parity / "
+                       "TWINSERVE_REQUIRE_PARITY=false")
 
 
 def memory_plan(settings: Settings, manifest):
@@ -103,4 +134,9 @@ def register(sub, expert_reader: Callable | None = None) -> None:
     p.add_argument("--allowed-methods", type=str_list, default=None, help=setting_help("allowed_methods"))
     p.add_argument("--allowed-headers", type=str_list, default=None, help=setting_help("allowed_headers"))
     p.add_argument("--max-request-bytes", type=int, default=None, help=setting_help("max_request_bytes"))
+    p.add_argument("--drain-timeout-s", type=float, default=None, help=setting_help("drain_timeout_s"))
+    p.add_argument("--verify-artifact", action=argparse.BooleanOptionalAction, default=None,
+                   help=setting_help("verify_artifact"))
+    p.add_argument("--require-parity", action=argparse.BooleanOptionalAction, default=None,
+                   help=setting_help("require_parity"))
     p.set_defaults(fn=functools.partial(cmd_serve, expert_reader=expert_reader))

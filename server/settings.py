@@ -38,7 +38,9 @@ class Settings(BaseSettings):
                                        "when set (default: max_model_len positions per slot)")
     max_tokens_default: int = Field(16, ge=1, description="max_tokens when the request omits it")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504 after it)")
-    drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for in-flight work")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT, in-flight and queued requests get "
+                                   "this long to finish while new ones and /ready get 503; a container's stop "
+                                   "timeout must exceed it by 10 s (docs: deploy/README.md)")
     materialize_cache: int = Field(4, ge=1, description="fused models kept by materialize/expert modes (LRU)")
     router_top_k: int | None = Field(None, ge=1, description="override the router's top-k")
     router_temperature: float | None = Field(None, gt=0, description="override the router's temperature")
@@ -52,5 +54,9 @@ class Settings(BaseSettings):
                                        "a JSON list (default: [\"*\"])")
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body in bytes; larger "
                                    "ones get 413 (default: 8 MiB)")
-    verify_artifact: bool = Field(True, description="check artifact checksums at startup")
+    verify_artifact: bool = Field(True, description="check the artifact's checksums (every file and the manifest "
+                                  "itself) once at startup; false skips them")
+    require_parity: bool = Field(True, description="`twinserve serve` refuses an artifact whose build recorded no "
+                                 "parity result (the gate never ran or never finished) unless the build ran with "
+                                 "--skip-parity; false serves it anyway")
     log_level: str = Field("info", description="uvicorn log level")
