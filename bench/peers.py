@@ -253,27 +253,25 @@ def matmul_peak(weights: list[torch.Tensor], m: int, passes: int = 5, min_second
 @torch.inference_mode()
 def backbone_decode_step_seconds(model, prompts: list[list[int]], steps: int = 16, pad_id: int = 0) -> float:
     """Median seconds of one decode step (one new token per row + greedy argmax) of a served model, through
-    the engine's own path: ``model.step`` on a flat batch of decode tokens (``twin.model.hf.FlatBatch``).
+    the engine's own path: ``model.step`` on a flat batch of decode tokens (``twin.model.FlatBatch``).
 
     ``model`` is a twin.model backbone (no deltas); the rows are ``prompts`` prefilled together as the
     chunks of one flat step, then ``steps`` decode steps are timed one by one. ``pad_id`` is unused.
     """
-    from twin.model.hf import FlatBatch
+    from twin.model.batch import FlatBatch
 
     device = model.device
     n = len(prompts)
     cache = model.new_cache(n, max(len(p) for p in prompts) + steps + 2)
     flat = FlatBatch.build([], [(list(p), i, 0) for i, p in enumerate(prompts)], device, bucket=True)
-    ends = torch.tensor([start + length - 1 for start, length, _, _ in flat.segments], device=device)
-    tok = model.step(flat, cache, None, ends).argmax(-1).tolist()
+    tok = model.step(flat, cache).argmax(-1).tolist()
     pos = [len(p) for p in prompts]
-    at = torch.arange(n, device=device)
     times = []
     for _ in range(steps):
         sync(device)
         t = time.perf_counter()
         flat = FlatBatch.build([(tok[i], pos[i], i) for i in range(n)], [], device, bucket=True)
-        tok = model.step(flat, cache, None, at).argmax(-1).tolist()
+        tok = model.step(flat, cache).argmax(-1).tolist()
         sync(device)
         times.append(time.perf_counter() - t)
         pos = [q + 1 for q in pos]

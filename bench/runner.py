@@ -37,9 +37,8 @@ from server.metrics import Metrics
 from server.sampling import SamplingParams
 from server.settings import Settings
 from twin.errors import TwinserveError
-from twin.fusion import LowRankDeltas
 from twin.loading import LoadedArtifact, load_artifact
-from twin.model.hf import PackedLinear, PackedTwinLinear, StackedTwinLinear
+from twin.model.memory import tensors_bytes
 
 MODES = ("backbone", "lowrank", "lowrank_top2", "materialize", "expert")
 ENGINE_MODE = {"backbone": "backbone", "lowrank": "lowrank", "lowrank_top2": "lowrank",
@@ -175,61 +174,19 @@ def peak_rss_bytes() -> int:
     return 0
 
 
-def _module_tensors(module: torch.nn.Module):
-    """Every tensor a module tree holds: buffers, parameters, and delta attributes (LowRankDeltas too)."""
-    for m in module.modules():
-        for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False)):
-            yield "weights", t
-        # prepacked/stacked tensors are plain attributes: PackedLinear.packed (W*), Packed/StackedTwinLinear.wa
-        # ([W*; A_cat], counted as weights) and .b (B_cat)
-        if isinstance(m, (PackedLinear, PackedTwinLinear, StackedTwinLinear)):
-            for name, kind in (("packed", "weights"), ("wa", "weights"), ("b", "deltas")):
-                t = getattr(m, name, None)
-                if isinstance(t, torch.Tensor):
-                    yield kind, t
-        for name in ("deltas", "bias_deltas"):
-            d = getattr(m, name, None)
-            if isinstance(d, LowRankDeltas):
-                yield "deltas", d.A_cat
-                yield "deltas", d.B_cat
-                yield "deltas", d.idx
-            elif isinstance(d, torch.Tensor):
-                yield "deltas", d
-
-
 def engine_memory(engine: Engine) -> tuple[int, dict]:
     """Bytes of the distinct tensor storages the engine holds, and a breakdown by kind.
 
-    Counted: the shared model's weights and deltas, the KV cache, the fused/dense models in the
-    materialize/expert LRU (only storage they do not share with the shared model), and the router
-    (not in backbone mode, which never routes). Transient activations are not counted.
+    Counted: the shared model's weights and deltas (its own memory report), the KV cache, the fused/dense
+    models in the materialize/expert LRU (only storage they do not share with the shared model), and the
+    router (not in backbone mode, which never routes). Transient activations are not counted.
     """
-    seen: set[int] = set()
-    parts = {"weights": 0, "deltas": 0, "kv_cache": 0, "fused_models": 0, "router": 0}
-
-    def add(kind: str, t: torch.Tensor | None) -> None:
-        if t is None:
-            return
-        if t.is_mkldnn:     # opaque layout: no storage to share or inspect
-            key, nbytes = id(t), t.numel() * t.element_size()
-        else:
-            s = t.untyped_storage()
-            key, nbytes = s.data_ptr(), s.nbytes()
-        if key in seen or nbytes == 0:
-            return
-        seen.add(key)
-        parts[kind] += nbytes
-
-    for kind, t in _module_tensors(engine.runner.model):
-        add(kind, t)
-    for t in engine.runner.cache.buffers():
-        add("kv_cache", t)
-    for m in engine.runner._models.values():
-        for _, t in _module_tensors(m):
-            add("fused_models", t)
-    if engine.router is not None and engine.mode.routed:
-        for _, t in _module_tensors(engine.router.mlp):
-            add("router", t)
+    seen: set = set()
+    parts = dict(engine.runner.model.memory_report(seen))
+    parts["kv_cache"] = tensors_bytes(engine.runner.cache.buffers(), seen)
+    parts["fused_models"] = sum(sum(m.memory_report(seen).values()) for m in engine.runner.dense_models())
+    parts["router"] = (tensors_bytes(list(engine.router.mlp.parameters()) + list(engine.router.mlp.buffers()), seen)
+                       if engine.router is not None and engine.mode.routed else 0)
     return sum(parts.values()), parts
 
 

@@ -399,7 +399,8 @@ def lora_products(name: str, src: CheckpointSources, coeffs: list[float]) -> lis
 def delta_refusals(config: PretrainedConfig):
     """name -> why that tensor cannot carry a routed δ_t in the served model (None: a Twin layer serves it),
     from transformers' model class for ``config`` on the meta device."""
-    from twin.model.hf import causal_lm_class, delta_refusal
+    from twin.model.layers import delta_refusal
+    from twin.model.support import causal_lm_class
 
     with torch.device("meta"):
         model = causal_lm_class(config)._from_config(config)

@@ -66,7 +66,7 @@ class CheckpointLayout:
             rename_source_key,
         )
 
-        from twin.model.hf import causal_lm_class
+        from twin.model.support import causal_lm_class
 
         with torch.device("meta"):
             model = causal_lm_class(config)._from_config(config)

@@ -288,13 +288,12 @@ class StreamedServed:
         decode = [(s[-1], len(s) - 1, i) for i, s in enumerate(seqs)]
         out_pre, out_dec = [], []
         cap_pre, cap_dec = ([], []) if capture is not None else (None, None)
-        for flat_args, out, cap in (((([], chunks),), out_pre, cap_pre), ((((decode, []),)), out_dec, cap_dec)):
-            flat = FlatBatch.build(*flat_args[0])
-            m = flat.num_tokens
-            ww = None if w is None else w[None].expand(m, -1).contiguous()
+        ws = None if w is None else [w] * len(seqs)
+        for flat, out, cap in ((FlatBatch.build([], chunks, weights=ws, logits="all"), out_pre, cap_pre),
+                               (FlatBatch.build(decode, [], weights=ws), out_dec, cap_dec)):
             handles = _capture_blocks(self.blocks, cap)
             try:
-                out.append(model.step(flat, cache, ww, torch.arange(m)).float())
+                out.append(model.step(flat, cache).float())
             finally:
                 for h in handles:
                     h.remove()

@@ -5,7 +5,8 @@ import time
 
 import torch
 
-from twin.generate import encode_prompts, greedy_generate, right_pad
+from twin.generate import encode_prompts, greedy_generate
+from twin.model import FlatBatch
 
 from .features import prompt_features
 from .model import Router, load_router
@@ -44,13 +45,12 @@ def cost_fraction_of_prefill(art, router: Router, prompts: list[str], repeats: i
     """Time of features + router over the time of a full prefill (all layers + lm_head), same prompts."""
     model = art.model
     ids = encode_prompts(art.tokenizer, prompts)
-    pad = art.tokenizer.pad_token_id or 0
-    tok, pos, lengths = right_pad(ids, pad, model.device)
-    slots = torch.arange(len(ids))
-    w = torch.full((len(ids), model.num_experts), 1.0 / max(1, model.num_experts))
+    w = torch.full((model.num_experts,), 1.0 / max(1, model.num_experts), device=model.device)
 
-    def full():
-        model(tok, pos, model.new_cache(len(ids), tok.shape[1]), slots, w, logits_at=lengths - 1)
+    def full():   # the engine's prefill step: every prompt a chunk, logits at each last token
+        flat = FlatBatch.build([], [(s, i, 0) for i, s in enumerate(ids)], model.device, bucket=True,
+                               weights=[w] * len(ids))
+        model.step(flat, model.new_cache(len(ids), max(len(s) for s in ids)))
 
     def route():
         router.route(prompt_features(model, art.tokenizer, prompts, router.config.feature_layer))

@@ -16,7 +16,7 @@ import torch
 from router.features import pooled_features
 from router.model import Router
 from twin.loading import LoadedArtifact
-from twin.model.hf import FlatBatch
+from twin.model.batch import FlatBatch
 
 from .sampling import TokenLogprob, make_generator, prompt_logprobs, sample_rows
 from .scheduler import Plan
@@ -93,14 +93,17 @@ class ModelRunner:
         prompt = tokenizer.encode("warm up", add_special_tokens=False)[:4] or [0]
         w = torch.full((len(self.names),), 1.0 / max(1, len(self.names)), device=self.device)
         model = self._model_for(w)
-        flat = FlatBatch.build([], [(prompt, 0, 0)], self.device)
-        rows = torch.arange(len(prompt), device=self.device)
-        model.step(flat, model.new_cache(1, 16), self._token_weights([w] * len(prompt)), rows)
+        flat = FlatBatch.build([], [(prompt, 0, 0)], self.device, weights=self._step_weights([w]), logits="all")
+        model.step(flat, model.new_cache(1, 16))
 
     def close(self) -> None:
         self.rows.clear()
         self._models.clear()
         self.cache = None
+
+    def dense_models(self) -> list:
+        """The dense per-request models the LRU holds (materialize/expert modes; memory accounting)."""
+        return list(self._models.values())
 
     def release(self, seq) -> None:
         self.rows.pop(seq.id, None)
@@ -169,10 +172,9 @@ class ModelRunner:
         self._models.move_to_end(key)
         return m
 
-    def _token_weights(self, ws: list[torch.Tensor | None]) -> torch.Tensor | None:
-        if not self.mode.deltas:
-            return None
-        return torch.stack(ws)
+    def _step_weights(self, ws: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
+        """One w per decode row and chunk when rows carry deltas into the shared model, else None (θ*)."""
+        return ws if self.mode.deltas else None
 
     # ---- one step -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -181,30 +183,24 @@ class ModelRunner:
         len(prompt) + len(generated) − 1."""
         decode = [(s.next_token, len(s.prompt_ids) + len(s.generated) - 1, s.slot) for s in plan.decode]
         chunks = [(c.seq.prompt_ids[c.start:c.end], c.seq.slot, c.start) for c in plan.chunks]
-        flat = FlatBatch.build(decode, chunks, self.device, bucket=True)
-        at: list[int] = list(range(len(decode)))          # flat token indices whose logits are needed
-        sample_seqs, sample_at = list(plan.decode), list(range(len(decode)))   # ... and which row samples whom
-        echo: list[tuple] = []                              # (chunk, its first logits row, row count)
-        for c, (start, n, _, _) in zip(plan.chunks, flat.segments):
-            if c.seq.params.prompt_logprobs is not None:    # every prompt position of this chunk
-                echo.append((c, len(at), n))
-                at.extend(range(start, start + n))
-            elif c.last:
-                at.append(start + n - 1)
-            if c.last:                                      # the prompt is complete: sample its first token
-                sample_seqs.append(c.seq)
-                sample_at.append(len(at) - 1)
-        ws = [self.rows[s.id].w for s in plan.decode]
-        for c in plan.chunks:
-            ws.extend([self.rows[c.seq.id].w] * (c.end - c.start))
-        if self.mode.deltas and flat.num_tokens > len(ws):     # bucket padding rows carry w = 0
-            ws.extend([torch.zeros_like(ws[0])] * (flat.num_tokens - len(ws)))
-        models = {id(self.rows[s.id].model): self.rows[s.id].model for s in plan.decode}
-        models.update({id(self.rows[c.seq.id].model): self.rows[c.seq.id].model for c in plan.chunks})
+        logits_of = ["all" if c.seq.params.prompt_logprobs is not None else "last" if c.last else "none"
+                     for c in plan.chunks]           # echo logprobs need every prompt position
+        rows = [self.rows[s.id] for s in plan.decode] + [self.rows[c.seq.id] for c in plan.chunks]
+        flat = FlatBatch.build(decode, chunks, self.device, bucket=True,
+                               weights=self._step_weights([r.w for r in rows]), logits=logits_of)
+        models = {id(r.model): r.model for r in rows}
         if len(models) != 1:
             raise RuntimeError("one step must run one model (per-request modes schedule one sequence)")
-        model = next(iter(models.values()))
-        logits = model.step(flat, self.cache, self._token_weights(ws), torch.tensor(at, device=self.device))
+        logits = next(iter(models.values())).step(flat, self.cache)
+        # decode row j samples logits row j; a chunk that completes its prompt samples its last row
+        sample_seqs, sample_at = list(plan.decode), list(range(len(decode)))
+        echo: list[tuple] = []                              # (chunk, its first logits row, row count)
+        for c, (first, n) in zip(plan.chunks, flat.chunk_logits):
+            if c.seq.params.prompt_logprobs is not None:
+                echo.append((c, first, n))
+            if c.last:
+                sample_seqs.append(c.seq)
+                sample_at.append(first + n - 1)
         prompt_out = []
         for c, first, n in echo:
             row = self.rows[c.seq.id]

@@ -304,3 +304,29 @@ def server(routed_artifact):
     """A live uvicorn server over the routed artifact (see ``live_server``), shared by the session."""
     with live_server(routed_artifact) as s:
         yield s
+
+
+def served_linear(x, weight, bias, d, w, kernel: str = "plain"):
+    """The served op for one linear layer: a TwinLinear around nn.Linear(weight, bias) with factors ``d``, run
+    with the step's ExpertMix(w) (None: θ* alone). ``kernel``: "plain", or the layouts serving uses after
+    ``prepack`` (CPU oneDNN) and ``stack_shrink`` (GPU)."""
+    import torch
+    from torch import nn
+
+    from twin.fusion import ExpertMix
+    from twin.model.batch import StepContext
+    from twin.model.kernels import PackedTwinLinear, StackedTwinLinear
+    from twin.model.layers import TwinLinear
+
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    layer = TwinLinear(lin, StepContext(mix=None if w is None else ExpertMix(w)))
+    layer.deltas = d
+    if kernel != "plain" and d is not None and d.rank:
+        layer.base_layer = (PackedTwinLinear(lin, d, 4) if kernel == "packed" else StackedTwinLinear(lin, d))
+        layer.deltas = None
+    with torch.inference_mode():
+        return layer(x)

@@ -1,17 +1,25 @@
-"""Apply router-weighted exclusive deltas to a linear layer, two ways.
+"""The Twin equation, in one place: θ* + Σ_t w_t δ̂_t applied per row of a batch.
 
 For one weight W* (d_out×d_in) and experts t = 1..T with δ̂_t = B_t A_t (ranks r_t):
 
-  materialise:     W(w) = W* + Σ_t w_t B_t A_t                       (one w for the whole batch)
-  activation-side: y = W* x + B_cat((A_cat x) ⊙ w[:, idx])          (its own w for every row)
+  activation side (served):  y = W* x + b* + B_cat((A_cat x) ⊙ w[:, idx]) + w @ Δb     (its own w per row)
+  dense merge (reference):   W(w) = W* + Σ_t w_t B_t A_t                              (one w for a model)
 
-A_cat = [A_1; …; A_T] is (R×d_in), B_cat = [B_1 … B_T] is (d_out×R), R = Σ r_t, and idx (R,)
-maps each factor column to its expert, so w[:, idx] is repeat(w, r) even when ranks differ.
-Both are linear in w, which is why a batch that mixes tasks needs no weight rewrite.
+A_cat = [A_1; …; A_T] is (R×d_in), B_cat = [B_1 … B_T] is (d_out×R), R = Σ r_t, and idx (R,) maps each
+factor column to its expert, so w[:, idx] is repeat(w, r) even when ranks differ. Both are linear in w,
+which is why a batch that mixes tasks needs no weight rewrite.
+
+`ExpertMix` is the per-step object (the role of vLLM's punica wrapper): the per-token weights w (N, T) of
+one forward and every op a Twin layer calls — ``linear`` (shrink, scale, expand, bias), ``embedding``
+(the table's low-rank delta rows) and ``gain`` (a norm's per-row g* + w @ Δg). The dense merge is
+``merged_delta``/``dense_delta``, which each Twin layer's ``delta_weight`` calls (PEFT's
+``get_delta_weight``). How the GEMMs run (plain, oneDNN-packed, stacked) is the layer's kernel's
+business (twin/model/kernels.py); what they compute is written here once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -40,14 +48,49 @@ class LowRankDeltas:
         return LowRankDeltas(self.A_cat.to(device=device, dtype=dtype), self.B_cat.to(device=device, dtype=dtype),
                              self.idx.to(device=device), self.num_experts, self.offsets)
 
+    def transposed(self) -> LowRankDeltas:
+        """Factors of δᵀ = Aᵀ Bᵀ (GPT-2's Conv1D stores its weight as (d_in, d_out))."""
+        return LowRankDeltas(self.B_cat.T.contiguous(), self.A_cat.T.contiguous(), self.idx, self.num_experts,
+                             self.offsets)
+
     @property
     def rank(self) -> int:
         return self.A_cat.shape[0]
 
-    def select(self, experts: torch.Tensor) -> LowRankDeltas:
-        """Only the factor columns of ``experts`` (1-D long): top-k routing gathers k experts' factors."""
-        keep = torch.isin(self.idx, experts)
-        return LowRankDeltas(self.A_cat[keep], self.B_cat[:, keep], self.idx[keep], self.num_experts)
+
+# ---- the dense merge ---------------------------------------------------------------------------------------
+def merged_delta(d: LowRankDeltas, w: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t B_t A_t (d_out×d_in) for one weight vector w (T,)."""
+    return (d.B_cat * w[d.idx]) @ d.A_cat
+
+
+def merged_weight(weight: torch.Tensor, d: LowRankDeltas, w: torch.Tensor) -> torch.Tensor:
+    """W* + Σ_t w_t B_t A_t for one weight vector w (T,): the reference the served path is checked against."""
+    return weight.clone() if d.rank == 0 else weight + merged_delta(d, w)
+
+
+def dense_delta(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t Δ_t for dense 1-D deltas d (T, H) (biases, norm gains): w @ d."""
+    return w @ d
+
+
+# ---- the served (activation-side) path ------------------------------------------------------------------------
+class TwinKernel(Protocol):
+    """How a Twin linear's GEMMs run (plain, oneDNN-packed or stacked; twin/model/kernels.py)."""
+    idx: torch.Tensor
+    offsets: tuple[int, ...]
+
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """W* x + b*."""
+
+    def base_and_shrink(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W* x + b*, A_cat x); the first is writable in place through ``view(-1, d_out)``."""
+
+    def expand_(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """y + B_cat h (in place where the layout allows)."""
+
+    def grouped_factors(self) -> LowRankDeltas | None:
+        """Unpacked factors when the top-k grouped path may run on them, else None."""
 
 
 # Below this weight size the per-expert loop costs more in overhead than it saves (measured with
@@ -55,10 +98,11 @@ class LowRankDeltas:
 GROUPED_MIN_ELEMENTS = 512 * 512
 
 
-class ExpertWeights:
-    """Per-row weights w (N, T) plus, for sparse (top-k) routing, the rows each active expert serves.
+class ExpertMix:
+    """Per-token expert weights w (N, T) of one forward, and the ops every Twin layer applies with them.
 
-    Built once per forward and shared by every layer, so the grouping is computed once per step.
+    Built once per step (beside the token ids, in `FlatBatch`) and shared by every layer, so the gathers
+    w[:, idx] and, for sparse (top-k) routing, the rows each active expert serves are computed once.
     """
 
     def __init__(self, w: torch.Tensor):
@@ -67,6 +111,7 @@ class ExpertWeights:
         self._groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
         self._columns: dict = {}
 
+    # ---- bookkeeping --------------------------------------------------------------------------------
     @property
     def sparse(self) -> bool:
         """At most half of w is non-zero: the grouped path would skip at least half of the factor work.
@@ -97,89 +142,67 @@ class ExpertWeights:
                     self._groups.append((t, rows, self.w[rows, t]))
         return self._groups
 
-    def to(self, dtype) -> ExpertWeights:
+    def to(self, dtype) -> ExpertMix:
         if self.w.dtype == dtype:
             return self
-        out = ExpertWeights.__new__(ExpertWeights)
+        out = ExpertMix.__new__(ExpertMix)
         out.w, out._sparse, out._columns = self.w.to(dtype), self._sparse, {}
         out._groups = None if self._groups is None else [(t, rows, v.to(dtype)) for t, rows, v in self._groups]
         return out
 
+    def rows(self, index: torch.Tensor) -> ExpertMix:
+        """The mix of the rows ``index`` only (the lm_head runs on the rows whose logits are needed)."""
+        return ExpertMix(self.w[index])
 
-def _grouped_delta(x: torch.Tensor, d: LowRankDeltas, ew: ExpertWeights) -> torch.Tensor:
-    """Sparse routing: each active expert's factors touch only the rows routed to it."""
-    out = x.new_zeros(*x.shape[:-1], d.B_cat.shape[0])
-    for t, rows, vals in ew.groups:
-        lo, hi = d.offsets[t], d.offsets[t + 1]
-        if hi == lo:
-            continue
-        xr = x[rows]                                                  # (n_t, [S,] d_in)
-        h = xr @ d.A_cat[lo:hi].T                                     # (n_t, [S,] r_t)
-        h = h * vals.view(-1, *([1] * (x.ndim - 1)))
-        out.index_add_(0, rows, h @ d.B_cat[:, lo:hi].T)
-    return out
+    # ---- the ops ------------------------------------------------------------------------------------
+    def scale(self, h: torch.Tensor, idx: torch.Tensor, offsets: tuple[int, ...] = ()) -> torch.Tensor:
+        """h ⊙ w[:, idx]: the shrunk activations h = A_cat x, (N, …, R), each rank column scaled by its
+        expert's weight in that row. Any middle dims (a sequence, or MLA's (1, S)) broadcast."""
+        s = self.columns(idx, offsets)                                             # (N, R)
+        return h * s.view(s.shape[0], *([1] * (h.ndim - 2)), s.shape[1])
 
-
-def use_grouped(x: torch.Tensor, d: LowRankDeltas, w: ExpertWeights) -> bool:
-    """The grouped top-k path pays off only on CPU, for sparse w, wide weights, and fp32: in bf16 on CPU the
-    per-expert small matmuls lose to one concatenated matmul (measured at hidden 1024, batch 16, top-2:
-    grouped 100 vs concatenated 152 tok/s in bf16; in fp32 grouped is faster). On CUDA the grouping's
-    host round trips and small kernels cost more than the factor work they skip (H200, fp32, batch 16:
-    a top-2 decode step took 117 ms grouped against 27 ms for the concatenated path)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and bool(d.offsets)
-            and d.A_cat.shape[1] * d.B_cat.shape[0] >= GROUPED_MIN_ELEMENTS and w.sparse)
-
-
-def scale_by_expert(h: torch.Tensor, w: torch.Tensor | ExpertWeights, idx: torch.Tensor,
-                    offsets: tuple[int, ...] = ()) -> torch.Tensor:
-    """h ⊙ w[:, idx]: the shrunk activations h = A_cat x, (N, …, R), each rank column scaled by its
-    expert's weight in that row (w (N, T); an ExpertWeights reuses one gather per forward). Any middle dims
-    (a sequence, or MLA's (1, S)) broadcast."""
-    scale = w.columns(idx, offsets) if isinstance(w, ExpertWeights) else w[:, idx]    # (N, R)
-    return h * scale.view(scale.shape[0], *([1] * (h.ndim - 2)), scale.shape[1])
-
-
-def _scaled_shrink(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
-    """(A_cat x) ⊙ w[:, idx]: (N, [S,] R)."""
-    return scale_by_expert(x @ d.A_cat.T, w, d.idx, d.offsets)
-
-
-def delta_activations(x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
-    """Σ_t w_t B_t A_t x for each row.  x: (N, S, d_in) or (N, d_in), w: (N, T) -> (N, S, d_out) or (N, d_out)."""
-    if isinstance(w, ExpertWeights) and use_grouped(x, d, w):
-        return _grouped_delta(x, d, w)
-    return _scaled_shrink(x, d, w) @ d.B_cat.T
-
-
-def add_delta_(y: torch.Tensor, x: torch.Tensor, d: LowRankDeltas, w: torch.Tensor | ExpertWeights) -> torch.Tensor:
-    """y += Σ_t w_t B_t A_t x in place (y: a fresh contiguous (…, d_out) layer output, as nn.Linear returns).
-
-    The expand B_cat (h ⊙ w[:, idx]) accumulates into y inside the GEMM (addmm_ with β = 1): one kernel
-    fewer per layer than a matmul and an add, which is what a launch-bound GPU step pays for.
-    """
-    if isinstance(w, ExpertWeights) and use_grouped(x, d, w):
-        return y.add_(_grouped_delta(x, d, w))
-    h = _scaled_shrink(x, d, w)
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), d.B_cat.T)
-    return y
-
-
-def twin_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                d: LowRankDeltas | None, w: torch.Tensor | None) -> torch.Tensor:
-    """Activation-side batched path: W* x (+ b) + B_cat((A_cat x) ⊙ w[:, idx])."""
-    y = torch.nn.functional.linear(x, weight, bias)
-    if d is None or w is None or d.rank == 0:
+    def linear(self, x: torch.Tensor, kernel: TwinKernel, bias_deltas: torch.Tensor | None = None) -> torch.Tensor:
+        """y = W* x + b* + B_cat((A_cat x) ⊙ w[:, idx]) + w @ Δb, each row with its own w."""
+        d = kernel.grouped_factors()
+        if d is not None and self._use_grouped(x, d):
+            y = kernel.backbone(x).add_(self._grouped(x, d))
+        else:
+            y, h = kernel.base_and_shrink(x)
+            if h is not None:
+                y = kernel.expand_(y, self.scale(h, kernel.idx, kernel.offsets))
+        if bias_deltas is not None:
+            b = dense_delta(bias_deltas, self.w)                                    # (N, d_out)
+            y = y + b.view(b.shape[0], *([1] * (y.ndim - 2)), b.shape[1])
         return y
-    return add_delta_(y, x, d, w)
 
+    def embedding(self, tokens: torch.Tensor, d: LowRankDeltas) -> torch.Tensor:
+        """Rows of Σ_t w_t B_t A_t for ``tokens`` (N, S): B_cat[token] ⊙ w[:, idx], then @ A_cat -> (N, S, H)."""
+        return (d.B_cat[tokens] * self.columns(d.idx, d.offsets).unsqueeze(1)) @ d.A_cat
 
-def materialize_weight(weight: torch.Tensor, d: LowRankDeltas, w: torch.Tensor) -> torch.Tensor:
-    """Reference path: W* + Σ_t w_t B_t A_t for one weight vector w (T,)."""
-    if d.rank == 0:
-        return weight.clone()
-    return weight + (d.B_cat * w[d.idx]) @ d.A_cat
+    def gain(self, g: torch.Tensor, d: torch.Tensor | None, ndim: int) -> torch.Tensor:
+        """A norm's per-row gain (or bias) g* + w @ Δg, shaped (N, 1, …, H) for an input of ``ndim`` dims."""
+        if d is None:
+            return g
+        return (g + dense_delta(d, self.w)).view(self.w.shape[0], *([1] * (ndim - 2)), g.shape[-1])
 
+    # ---- the top-k grouped path ---------------------------------------------------------------------------
+    def _use_grouped(self, x: torch.Tensor, d: LowRankDeltas) -> bool:
+        """The grouped top-k path pays off only on CPU, for sparse w, wide weights, and fp32: in bf16 on CPU the
+        per-expert small matmuls lose to one concatenated matmul (measured at hidden 1024, batch 16, top-2:
+        grouped 100 vs concatenated 152 tok/s in bf16; in fp32 grouped is faster). On CUDA the grouping's
+        host round trips and small kernels cost more than the factor work they skip (H200, fp32, batch 16:
+        a top-2 decode step took 117 ms grouped against 27 ms for the concatenated path)."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and bool(d.offsets)
+                and d.A_cat.shape[1] * d.B_cat.shape[0] >= GROUPED_MIN_ELEMENTS and self.sparse)
 
-def active_experts(w: torch.Tensor) -> torch.Tensor:
-    """Experts with non-zero weight in any row of w (N, T): the only factors a sparse batch needs."""
-    return torch.nonzero(w.abs().sum(0) > 0, as_tuple=False).flatten()
+    def _grouped(self, x: torch.Tensor, d: LowRankDeltas) -> torch.Tensor:
+        """Sparse routing: each active expert's factors touch only the rows routed to it."""
+        out = x.new_zeros(*x.shape[:-1], d.B_cat.shape[0])
+        for t, rows, vals in self.groups:
+            lo, hi = d.offsets[t], d.offsets[t + 1]
+            if hi == lo:
+                continue
+            h = x[rows] @ d.A_cat[lo:hi].T                                # (n_t, [S,] r_t)
+            h = h * vals.view(-1, *([1] * (x.ndim - 1)))
+            out.index_add_(0, rows, h @ d.B_cat[:, lo:hi].T)
+        return out

@@ -76,7 +76,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        from twin.model.hf import can_prepack
+        from twin.model.kernels import can_prepack
         return torch.bfloat16 if can_prepack(device, torch.bfloat16) else torch.float32
     return DTYPES[dtype]
 

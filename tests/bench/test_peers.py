@@ -21,7 +21,7 @@ from bench.peers import (
 from bench.report import check_targets, compute_ratios
 from bench.runner import load_bench_artifact
 from bench.synthetic import SyntheticSpec, build_synthetic_artifact, random_prompts
-from twin.generate import right_pad
+from twin.generate import prompt_logits
 
 SPEC = SyntheticSpec.quick()
 
@@ -44,9 +44,14 @@ def _prompts(n: int = 4) -> list[list[int]]:
 
 @torch.no_grad()
 def _served_logits(art, prompts, w):
-    ids, pos, _ = right_pad(prompts, 0, "cpu")
-    cache = art.model.new_cache(len(prompts), ids.shape[1] + 1)
-    return art.model(ids, pos, cache, torch.arange(len(prompts)), w)          # (N, S, V)
+    """The served model's logits at every prompt position, prompt after prompt: (tokens, V)."""
+    return torch.cat(prompt_logits(art.model, prompts, w))
+
+
+def right_pad(prompts):
+    """ids (N, S) for transformers' forward, padded with 0 on the right (padded positions are left out)."""
+    n = max(len(p) for p in prompts)
+    return torch.tensor([p + [0] * (n - len(p)) for p in prompts])
 
 
 def _valid(prompts, logits):
@@ -57,16 +62,16 @@ def _valid(prompts, logits):
 @torch.no_grad()
 def test_peft_adapter_logits_equal_served_pinned_expert(synthetic, served):
     prompts = _prompts()
-    ids, _, _ = right_pad(prompts, 0, "cpu")
+    ids = right_pad(prompts)
     names = served.expert_names
     model = hf_backbone(synthetic)
     base = _valid(prompts, model(input_ids=ids).logits)
-    torch.testing.assert_close(base, _valid(prompts, _served_logits(served, prompts, None)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(base, _served_logits(served, prompts, None), atol=1e-4, rtol=0)
     peft = peft_mixed_model(model, synthetic)
     for t, name in enumerate(names):
         w = torch.zeros(len(prompts), len(names))
         w[:, t] = 1.0
-        want = _valid(prompts, _served_logits(served, prompts, w))
+        want = _served_logits(served, prompts, w)
         peft.set_adapter(name)
         got = _valid(prompts, peft(input_ids=ids).logits)
         assert (got - want).abs().max().item() < 1e-4
@@ -75,7 +80,7 @@ def test_peft_adapter_logits_equal_served_pinned_expert(synthetic, served):
     rows = [names[i % len(names)] for i in range(len(prompts))]
     w = torch.stack([torch.nn.functional.one_hot(torch.tensor(names.index(r)), len(names)).float() for r in rows])
     got = _valid(prompts, peft(input_ids=ids, adapter_names=rows).logits)
-    assert (got - _valid(prompts, _served_logits(served, prompts, w))).abs().max().item() < 1e-4
+    assert (got - _served_logits(served, prompts, w)).abs().max().item() < 1e-4
 
 
 def test_peft_peer_refuses_dense_norm_deltas(tmp_path):
@@ -92,7 +97,7 @@ def test_generate_ignores_eos_and_matches_served_greedy(synthetic, served):
     for p in prompts:
         seq, want = list(p), []
         for _ in range(6):
-            nxt = int(_served_logits(served, [seq], None)[0, -1].argmax())
+            nxt = int(_served_logits(served, [seq], None)[-1].argmax())
             want.append(nxt)
             seq.append(nxt)
         wants.append(want)

@@ -18,9 +18,8 @@ import torch
 from bench.peers import PeerError, export_vllm_model, hf_backbone, run_vllm_job
 from bench.runner import bench_artifact, load_bench_artifact
 from bench.synthetic import SyntheticSpec, build_synthetic_artifact, random_prompts
-from tests.bench.test_peers import _served_logits, _valid
+from tests.bench.test_peers import _served_logits, _valid, right_pad
 from twin.artifact import read_manifest
-from twin.generate import right_pad
 
 SPEC = dataclasses.replace(SyntheticSpec.quick(), num_heads=1, num_kv_heads=1)
 VLLM_PYTHON = os.environ.get("TWINSERVE_VLLM_PYTHON")
@@ -50,10 +49,10 @@ def test_exported_checkpoint_and_adapters_equal_the_served_model(synthetic, expo
     served = load_bench_artifact(synthetic, with_experts=True)
     names = served.expert_names
     prompts = _prompts()
-    ids, _, _ = right_pad(prompts, 0, "cpu")
+    ids = right_pad(prompts)
     model = AutoModelForCausalLM.from_pretrained(exported["model"], dtype=torch.float32).eval()
     base = _valid(prompts, model(input_ids=ids).logits)
-    torch.testing.assert_close(base, _valid(prompts, _served_logits(served, prompts, None)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(base, _served_logits(served, prompts, None), atol=1e-4, rtol=0)
     assert sorted(exported["adapters"]) == sorted(names) and exported["rank"] == SPEC.rank
     peft = PeftModel.from_pretrained(model, exported["adapters"][names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -66,7 +65,7 @@ def test_exported_checkpoint_and_adapters_equal_the_served_model(synthetic, expo
         w[:, t] = 1.0
         peft.set_adapter(name)
         got = _valid(prompts, peft(input_ids=ids).logits)
-        assert (got - _valid(prompts, _served_logits(served, prompts, w))).abs().max().item() < 1e-4
+        assert (got - _served_logits(served, prompts, w)).abs().max().item() < 1e-4
         assert (got - base).abs().max().item() > 1e-2     # the adapter changes the logits: not a vacuous match
 
 

@@ -474,10 +474,8 @@ def _served_logits(art, ids: list[int], t: int) -> torch.Tensor:
     T = len(art.expert_names)
     w = torch.zeros(1, T)
     w[0, t] = 1.0
-    x = torch.tensor([ids])
-    pos = torch.arange(len(ids))[None]
-    with torch.inference_mode():
-        return art.model(x, pos, art.model.new_cache(1, len(ids) + 1), torch.arange(1), w)[0]
+    from twin.generate import prompt_logits
+    return prompt_logits(art.model, [ids], w)[0]
 
 
 @pytest.fixture(scope="module")
@@ -619,9 +617,10 @@ def test_int8_factors_are_stored_with_scales_and_their_error_is_reported(int8_bu
 
 
 def test_lowrank_path_equals_materialised_weights_of_the_stored_factors(int8_budget):
-    """twin_linear on the loaded (dequantised) factors == x (W* + Σ w_t B̃_t Ã_t)ᵀ built from the raw int8 file."""
+    """The served Twin linear on the loaded (dequantised) factors == x (W* + Σ w_t B̃_t Ã_t)ᵀ built from the raw
+    int8 file."""
+    from tests.conftest import served_linear
     from twin.artifact import load_exclusive
-    from twin.fusion import twin_linear
 
     manifest, backbone, exclusive = load_artifact(int8_budget)
     lowrank_deltas, _ = load_exclusive(int8_budget, manifest)
@@ -630,7 +629,7 @@ def test_lowrank_path_equals_materialised_weights_of_the_stored_factors(int8_bud
     for pname in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
         W = backbone[pname]
         x = torch.randn(3, 5, W.shape[1], generator=g)
-        got = twin_linear(x, W, None, lowrank_deltas[pname], w)
+        got = served_linear(x, W, None, lowrank_deltas[pname], w)
         for i in range(3):
             Wi = W.clone()
             for t, name in enumerate(EXPERT_NAMES):

@@ -121,14 +121,11 @@ def test_sharded_build_serves_the_same_model(synthetic_full, tmp_path):
     for name in (BACKBONE, EXCLUSIVE):
         a, b = load_tensors(one, name), load_tensors(many, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ids = torch.tensor([[3, 7, 11, 5]])
+    from twin.generate import prompt_logits
     logits = []
     for path in (one, many):
         art = load_artifact(path, device="cpu", dtype="float32")
-        cache = art.model.new_cache(1, 8)
-        with torch.inference_mode():
-            logits.append(art.model(ids, torch.arange(4)[None], cache, torch.zeros(1, dtype=torch.long),
-                                    torch.tensor([[0.3, 0.7]])))
+        logits.append(prompt_logits(art.model, [[3, 7, 11, 5]], torch.tensor([[0.3, 0.7]]))[0])
     assert torch.equal(logits[0], logits[1])
 
 
@@ -169,13 +166,13 @@ def test_build_and_gate_on_synthetic_checkpoints(which, request, tmp_path, capsy
 
 def test_gate_checks_the_decode_step(synthetic_full, tmp_path, capsys, monkeypatch):
     """A fault only in the decode path (the single-token rows of a step) fails the gate: it runs the step."""
-    from twin.model import hf
-    real = hf._decode_attend
+    from twin.model import attention
+    real = attention._decode_attend
 
     def wrong(query, keys, values, mask, scaling, softcap):
         return real(query, keys, values, mask, 3.0 * (scaling or query.shape[-1] ** -0.5), softcap)
 
-    monkeypatch.setattr(hf, "_decode_attend", wrong)
+    monkeypatch.setattr(attention, "_decode_attend", wrong)
     out = tmp_path / "art"
     assert main(["build", str(synthetic_full / "recipe.yaml"), "-o", str(out)]) == 2
     assert "parity gate" in capsys.readouterr().err and not out.exists()

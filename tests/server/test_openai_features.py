@@ -18,7 +18,7 @@ import torch
 from server.sampling import adjust_logits
 from server.specs import SamplingParams
 from tests.conftest import app_client, live_server
-from twin.generate import greedy_generate
+from twin.generate import greedy_generate, prompt_logits
 
 from .helpers import TASK_PROMPTS, complete, engine_idle, make_long, running_engine, sse_events, wait_for
 from .test_detokenize import byte_bpe
@@ -41,11 +41,8 @@ def tok(app):
 def ref_logprobs(app, ids: list[int], w: torch.Tensor | None = MATH) -> torch.Tensor:
     """(S, V) log_softmax of the served model's logits over ``ids`` (row i predicts ids[i + 1])."""
     model = app.app.state.artifact.model
-    with torch.inference_mode():
-        cache = model.new_cache(1, len(ids))
-        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, torch.zeros(1, dtype=torch.long),
-                       None if w is None else w[None])
-    return torch.log_softmax(logits[0].float(), -1)
+    logits = prompt_logits(model, [ids], None if w is None else w[None])[0]
+    return torch.log_softmax(logits.float(), -1)
 
 
 @contextlib.contextmanager
@@ -333,10 +330,10 @@ class ScriptedModel:
     def __init__(self, script: list[int], prompt_len: int, vocab: int):
         self.script, self.prompt_len, self.vocab = script, prompt_len, vocab
 
-    def step(self, flat, cache, w, logits_at):
-        """The model runner's unified step: logits (R, V) at the flat token indices ``logits_at``."""
-        step = flat.positions[logits_at] + 1 - self.prompt_len
-        logits = torch.full((logits_at.shape[0], self.vocab), -30.0)
+    def step(self, flat, cache):
+        """The model runner's unified step: logits (R, V) at the flat token indices ``flat.logits_at``."""
+        step = flat.positions[flat.logits_at] + 1 - self.prompt_len
+        logits = torch.full((flat.logits_at.shape[0], self.vocab), -30.0)
         for i, s in enumerate(step.tolist()):
             logits[i, self.script[s]] = 30.0
         return logits

@@ -13,7 +13,8 @@ import itertools
 import pytest
 import torch
 
-from twin.model.hf import FlatBatch, _flat_attention, _window_mask
+from twin.model.attention import _flat_attention, _window_mask
+from twin.model.batch import FlatBatch
 
 H, D, SLOTS, MAX_SEQ = 8, 16, 5, 24
 SCALE = D ** -0.5

@@ -41,16 +41,17 @@ def family_artifacts(tmp_path_factory):
 
 
 def run(model, seqs: list[list[int]], w: torch.Tensor | None) -> list[torch.Tensor]:
-    """Prefill right-padded rows with per-row w, then one decode step of token 5: per row (len+1, V) logits."""
-    n, s = len(seqs), max(len(x) for x in seqs)
-    ids = torch.tensor([x + [0] * (s - len(x)) for x in seqs])
-    pos = torch.arange(s).expand(n, s).contiguous()
-    cache, slots = model.new_cache(n + 1, s + 2), torch.arange(1, n + 1)     # not slot 0: slots are indices
+    """The engine's step: every row's prompt as a prefill chunk of one step (per-row w), then one decode step
+    of token 5 for every row: per row (len+1, V) logits."""
+    from twin.model.batch import FlatBatch
+
+    ws = None if w is None else list(w)
+    cache = model.new_cache(len(seqs) + 1, max(len(x) for x in seqs) + 2)   # slots 1..n: slots are indices
+    pre = FlatBatch.build([], [(x, i + 1, 0) for i, x in enumerate(seqs)], weights=ws, logits="all")
+    dec = FlatBatch.build([(5, len(x), i + 1) for i, x in enumerate(seqs)], [], weights=ws)
     with torch.inference_mode():
-        pre = model(ids, pos, cache, slots, w)
-        lengths = torch.tensor([len(x) for x in seqs])
-        dec = model(torch.full((n, 1), 5), lengths[:, None], cache, slots, w)[:, 0]
-    return [torch.cat([pre[i, :len(x)], dec[i:i + 1]]) for i, x in enumerate(seqs)]
+        p, d = model.step(pre, cache), model.step(dec, cache)
+    return [torch.cat([p[first:first + n], d[i:i + 1]]) for i, (first, n) in enumerate(pre.chunk_logits)]
 
 
 def hf_logits(hf, ids: list[int]) -> torch.Tensor:
@@ -140,7 +141,7 @@ def test_greedy_http_equals_transformers_generate(family, family_artifacts):
 @pytest.mark.parametrize("layout", ["prepack", "stack_shrink"])
 def test_prepacked_weights_give_the_same_logits(family, family_artifacts, layout):
     """oneDNN-prepacked layers (CPU) and [W*; A_cat]-stacked layers (what a GPU loads) serve the same model."""
-    from twin.model.hf import can_prepack
+    from twin.model.kernels import can_prepack
 
     art_dir, _, _ = family_artifacts(family)
     plain = load_artifact(art_dir, device="cpu", dtype="float32")
@@ -165,20 +166,23 @@ def test_prepacked_weights_give_the_same_logits(family, family_artifacts, layout
 
 
 def alone(model, ids: list[int], extra: list[int], w_row: torch.Tensor) -> torch.Tensor:
-    """Logits after the whole prompt and after each extra token, one sequence, padded path: (1+len(extra), V)."""
-    cache, slot = model.new_cache(1, len(ids) + len(extra) + 1), torch.zeros(1, dtype=torch.long)
+    """Logits after the whole prompt and after each extra token of one sequence on its own: its prompt as
+    one step, then one step per extra token: (1+len(extra), V)."""
+    from twin.model.batch import FlatBatch
+
+    cache = model.new_cache(1, len(ids) + len(extra) + 1)
     with torch.inference_mode():
-        out = [model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slot, w_row[None])[0, -1]]
+        out = [model.step(FlatBatch.build([], [(ids, 0, 0)], weights=[w_row]), cache)[0]]
         for i, t in enumerate(extra):
-            out.append(model(torch.tensor([[t]]), torch.tensor([[len(ids) + i]]), cache, slot, w_row[None])[0, -1])
+            out.append(model.step(FlatBatch.build([(t, len(ids) + i, 0)], [], weights=[w_row]), cache)[0])
     return torch.stack(out)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_unified_step_equals_separate_passes(family, family_artifacts):
     """Prefill chunks and decode tokens of different rows in one flat forward (the engine's unified step)
-    give each row exactly what the padded per-row path gives."""
-    from twin.model.hf import FlatBatch
+    give each row exactly what it gets alone, one step at a time."""
+    from twin.model.batch import FlatBatch
 
     _, _, art = family_artifacts(family)
     m = art.model
@@ -186,20 +190,17 @@ def test_unified_step_equals_separate_passes(family, family_artifacts):
     wa, wb = torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7])
     cache = m.new_cache(3, 40)
 
-    def step(decode, chunks, w_rows, at):
-        flat = FlatBatch.build(decode, chunks)
-        w = torch.stack([w_rows[i] for i in range(len(w_rows)) for _ in range(1)])
+    def step(decode, chunks, w_rows, logits):
+        flat = FlatBatch.build(decode, chunks, weights=w_rows, logits=logits)
         with torch.inference_mode():
-            return m.step(flat, cache, w, torch.tensor(at))
+            return m.step(flat, cache)
 
     # step 1: A's first 12 prompt tokens (slot 1) and all of B (slot 2); logits only at B's last token
-    w1 = [wa] * 12 + [wb] * len(b)
-    s1 = step([], [(a[:12], 1, 0), (b, 2, 0)], w1, [12 + len(b) - 1])
+    s1 = step([], [(a[:12], 1, 0), (b, 2, 0)], [wa, wb], ["none", "last"])
     # step 2: B decodes token 5 at its next position; A's remaining prompt chunk; logits at both
-    w2 = [wb] + [wa] * (len(a) - 12)
-    s2 = step([(5, len(b), 2)], [(a[12:], 1, 12)], w2, [0, len(a) - 12])
+    s2 = step([(5, len(b), 2)], [(a[12:], 1, 12)], [wb, wa], "last")
     # step 3: both decode (slots 1, 2: a dense range)
-    s3 = step([(7, len(a), 1), (9, len(b) + 1, 2)], [], [wa, wb], [0, 1])
+    s3 = step([(7, len(a), 1), (9, len(b) + 1, 2)], [], [wa, wb], "last")
     ref_a = alone(m, a, [7], wa)
     ref_b = alone(m, b, [5, 9], wb)
     got_a = torch.stack([s2[1], s3[0]])
@@ -211,7 +212,7 @@ def test_unified_step_equals_separate_passes(family, family_artifacts):
 @pytest.mark.parametrize("family", ["llama-gqa-llama3rope", "gemma2", "gpt2"])
 def test_bucket_padding_changes_nothing(family, family_artifacts):
     """Padding a step to its token bucket adds inert rows: same logits, no cache writes."""
-    from twin.model.hf import FlatBatch, token_bucket
+    from twin.model.batch import FlatBatch, token_bucket
 
     _, _, art = family_artifacts(family)
     m = art.model
@@ -220,12 +221,12 @@ def test_bucket_padding_changes_nothing(family, family_artifacts):
     out = {}
     for bucket in (False, True):
         cache = m.new_cache(2, 40)
-        flat = FlatBatch.build([], [(ids, 1, 0)], bucket=bucket)
+        flat = FlatBatch.build([], [(ids, 1, 0)], bucket=bucket, weights=[w], logits="all")
         assert flat.num_tokens == (token_bucket(13) if bucket else 13) and flat.num_real == 13
         with torch.inference_mode():
-            prefill = m.step(flat, cache, w.expand(flat.num_tokens, 2).contiguous(), torch.arange(13))
-            dec = FlatBatch.build([(5, 13, 1)], [], bucket=bucket)
-            step = m.step(dec, cache, w[None], torch.tensor([0]))
+            prefill = m.step(flat, cache)
+            dec = FlatBatch.build([(5, 13, 1)], [], bucket=bucket, weights=[w])
+            step = m.step(dec, cache)
         out[bucket] = (prefill, step, cache.k[0][0].clone())
     assert float((out[True][0] - out[False][0]).abs().max()) <= TOL
     assert float((out[True][1] - out[False][1]).abs().max()) <= TOL

@@ -1,4 +1,5 @@
-"""TwinModel (plain-torch Llama/Qwen2 with routed low-rank deltas) against transformers and the fused reference."""
+"""TwinModel (transformers' class with routed low-rank deltas) through its step, against transformers and the
+fused reference."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,9 @@ from transformers import GPT2Config, LlamaForCausalLM, MistralConfig
 
 from tests.conftest import make_tiny_model
 from twin.artifact import BACKBONE, EXCLUSIVE, exclusive_key, read_manifest
+from twin.generate import prompt_logits
 from twin.loading import config_from_manifest, load_artifact
-from twin.model import TwinModel, UnsupportedModelError, check_supported
+from twin.model import FlatBatch, TwinModel, UnsupportedModelError, check_supported
 
 TOL = 1e-4
 IDS = [2, 11, 7, 30, 4, 19, 25, 8, 36, 12, 5, 22, 17, 9, 33, 14, 20, 6]   # <bos> + 17 tokens (vocab 37)
@@ -22,12 +24,9 @@ def twin_from_hf(hf, drop_lm_head: bool = False) -> TwinModel:
     return TwinModel(hf.config, state).eval()
 
 
-@torch.inference_mode()
 def twin_logits(model: TwinModel, ids: list[int], w: torch.Tensor | None = None) -> torch.Tensor:
-    """Full-sequence logits (S, V) of one prompt, fresh cache."""
-    cache = model.new_cache(1, len(ids))
-    return model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, torch.zeros(1, dtype=torch.long),
-                 None if w is None else w[None])[0]
+    """Full-sequence logits (S, V) of one prompt: one prefill step, fresh cache."""
+    return prompt_logits(model, [ids], None if w is None else w[None])[0]
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,37 +69,35 @@ def test_unsupported_model_type_is_rejected():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @torch.inference_mode()
-def test_incremental_decode_equals_full_forward(arch):
-    model = twin_from_hf(make_tiny_model(seed=4, arch=arch))
-    full = twin_logits(model, IDS)
-    cache = model.new_cache(3, 32)              # several slots: the sequence lives in slot 1
-    slot = torch.tensor([1])
+def test_chunked_prefill_and_decode_equal_transformers(arch):
+    """A prompt in two prefill chunks, then one decode step per token, in slot 1 of a 3-slot cache."""
+    hf = make_tiny_model(seed=4, arch=arch)
+    model = twin_from_hf(hf)
+    ref = hf(torch.tensor([IDS])).logits[0]
+    cache = model.new_cache(3, 32)
     k = 6
-    steps = [model(torch.tensor([IDS[:k]]), torch.arange(k)[None], cache, slot)[0]]
+    steps = [model.step(FlatBatch.build([], [(IDS[:4], 1, 0)], logits="all"), cache),
+             model.step(FlatBatch.build([], [(IDS[4:k], 1, 4)], logits="all"), cache)]
     for p in range(k, len(IDS)):
-        steps.append(model(torch.tensor([[IDS[p]]]), torch.tensor([[p]]), cache, slot)[0])
+        steps.append(model.step(FlatBatch.build([(IDS[p], p, 1)], []), cache))
     inc = torch.cat(steps)
-    assert inc.shape == full.shape
-    assert max_diff(inc, full) <= TOL
+    assert inc.shape == ref.shape
+    assert max_diff(inc, ref) <= TOL
 
 
 @torch.inference_mode()
-def test_right_padded_batched_prefill_and_decode_equal_each_sequence_alone():
+def test_batched_prefill_and_decode_equal_each_sequence_alone():
     model = twin_from_hf(make_tiny_model(seed=5, arch="qwen2"))
     seqs = [IDS[:4], IDS, IDS[3:12], [2, 30]]
-    lengths = torch.tensor([len(s) for s in seqs])
-    n = int(lengths.max())
-    ids = torch.tensor([s + [0] * (n - len(s)) for s in seqs])
-    pos = torch.arange(n).expand(len(seqs), n).contiguous()
-    cache = model.new_cache(len(seqs), n + 4)
-    slots = torch.tensor([3, 0, 2, 1])         # rows need not sit in slot order
-    last = model(ids, pos, cache, slots, logits_at=lengths - 1)          # (N, V)
-    nxt = torch.tensor([[13], [26], [8], [31]])
-    step = model(nxt, lengths[:, None], cache, slots)[:, -1]             # each row at its own position
+    slots = [3, 0, 2, 1]                       # rows need not sit in slot order
+    cache = model.new_cache(len(seqs), max(map(len, seqs)) + 4)
+    last = model.step(FlatBatch.build([], [(s, slot, 0) for s, slot in zip(seqs, slots)], bucket=True), cache)
+    nxt = [13, 26, 8, 31]
+    step = model.step(FlatBatch.build([(t, len(s), slot) for t, s, slot in zip(nxt, seqs, slots)], []), cache)
     for i, s in enumerate(seqs):
-        alone = twin_logits(model, s + [int(nxt[i])])
+        alone = twin_logits(model, s + [nxt[i]])
         assert max_diff(last[i], alone[len(s) - 1]) <= TOL, f"row {i} prefill"
-        assert max_diff(step[i], alone[len(s)]) <= TOL, f"row {i} decode after padding"
+        assert max_diff(step[i], alone[len(s)]) <= TOL, f"row {i} decode"
 
 
 # ----------------------------------------------------------------------------- experts on
@@ -120,13 +117,8 @@ def art(tiny_artifact):
 
 @pytest.fixture(scope="module")
 def batched(art):
-    """Right-padded batch of PROMPTS, each row with its own w: logits (N, S, V)."""
-    lengths = [len(p) for p in PROMPTS]
-    n = max(lengths)
-    ids = torch.tensor([p + [0] * (n - len(p)) for p in PROMPTS])
-    pos = torch.arange(n).expand(len(PROMPTS), n).contiguous()
-    with torch.inference_mode():
-        return art.model(ids, pos, art.model.new_cache(len(PROMPTS), n), torch.arange(len(PROMPTS)), W)
+    """PROMPTS as the chunks of one step, each row with its own w: logits per row (len, V)."""
+    return prompt_logits(art.model, PROMPTS, W)
 
 
 def materialised_state(artifact, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,13 +153,13 @@ def test_artifact_has_deltas_for_every_kind_of_layer(art):
 def test_rows_really_differ(batched):
     # each expert moves the logits: otherwise the comparisons below would prove nothing
     n = len(PROMPTS[3])
-    assert max_diff(batched[0, :n], batched[2, :n]) > 1e-2
-    assert max_diff(batched[0, :n], batched[4, :n]) > 1e-2
+    assert max_diff(batched[0][:n], batched[2][:n]) > 1e-2
+    assert max_diff(batched[0][:n], batched[4][:n]) > 1e-2
 
 
 def test_zero_weights_equal_backbone(art, batched):
     p = PROMPTS[4]
-    assert max_diff(batched[4, :len(p)], twin_logits(art.model, p)) <= TOL
+    assert max_diff(batched[4], twin_logits(art.model, p)) <= TOL
 
 
 @pytest.mark.parametrize("row", range(len(W)))
@@ -175,7 +167,7 @@ def test_batched_lowrank_equals_materialised_fused(art, batched, row):
     p = PROMPTS[row]
     fused = art.model.fused(W[row])
     ref = twin_logits(fused, p)
-    assert max_diff(batched[row, :len(p)], ref) <= TOL
+    assert max_diff(batched[row], ref) <= TOL
 
 
 @pytest.mark.parametrize("row", [0, 1, 3])
@@ -187,4 +179,4 @@ def test_batched_lowrank_equals_transformers_with_materialised_weights(tiny_arti
     p = PROMPTS[row]
     with torch.inference_mode():
         ref = hf(torch.tensor([p])).logits[0]
-    assert max_diff(batched[row, :len(p)], ref) <= TOL
+    assert max_diff(batched[row], ref) <= TOL
