@@ -22,9 +22,12 @@
 # first or start from a CUDA+Python base such as a pytorch/pytorch *-runtime image.)
 # TORCH_SPEC is word-split on purpose so it can carry pip options (--index-url, --extra-index-url).
 #
-# Offline/air-gapped builds (this repo's dev VM, see deploy/build-image.sh): PIP_FIND_LINKS points pip at
+# Offline/air-gapped builds (CONTAINER_BASE in deploy/README.md): PIP_FIND_LINKS points pip at
 # a local wheel folder and PIP_CERT at a CA bundle, both mounted into the build with `-v`. They are
 # declared only in the build stages, so neither value nor mount ends up in the runtime image.
+#
+# Stopping: SIGTERM drains for TWINSERVE_DRAIN_TIMEOUT_S (30 s); give it 10 s more than that
+# (`docker run --stop-timeout 40`, `docker stop -t 40`; deploy/README.md, "Stopping").
 
 ARG BASE_IMAGE=python:3.11-slim
 

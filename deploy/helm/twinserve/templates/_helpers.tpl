@@ -38,3 +38,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "twinserve.artifactPath" -}}
 {{- printf "/artifacts/%s" .Values.artifactName }}
 {{- end }}
+
+{{/*
+Seconds Kubernetes waits after SIGTERM: terminationGracePeriodSeconds when set, else the preStop sleep +
+TWINSERVE_DRAIN_TIMEOUT_S (rounded up) + 10 s (the last responses' 5 s after the drain, and a margin).
+*/}}
+{{- define "twinserve.terminationGracePeriodSeconds" -}}
+{{- if .Values.terminationGracePeriodSeconds -}}
+{{- .Values.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- $drain := .Values.config.TWINSERVE_DRAIN_TIMEOUT_S | default "30" | float64 | ceil | int -}}
+{{- add (int .Values.preStopSleepSeconds) $drain 10 -}}
+{{- end -}}
+{{- end -}}
