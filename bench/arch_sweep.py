@@ -19,7 +19,12 @@ import time
 import warnings
 from pathlib import Path
 
-OVERRIDES = {"lfm2": {"layer_types": ["conv", "full_attention"] * 2, "num_hidden_layers": 4}}
+# BERT-style encoders have a causal-LM class only as decoders: their causal-LM checkpoints set is_decoder (the
+# default config leaves it false, and transformers then attends both ways).
+BERT_STYLE = ("bert", "bert-generation", "camembert", "data2vec-text", "electra", "ernie", "roberta", "roberta-prelayernorm", "roc_bert",
+              "xlm-roberta", "xlm-roberta-xl", "xmod")
+OVERRIDES = {"lfm2": {"layer_types": ["conv", "full_attention"] * 2, "num_hidden_layers": 4},
+             **{t: {"is_decoder": True} for t in BERT_STYLE}}
 
 
 def sweep(types: list[str]) -> dict[str, dict]:

@@ -148,8 +148,8 @@ class StreamedReference:
     def __init__(self, config, shapes: dict[str, tuple[int, ...]]):
         self.model = reference_skeleton(config)
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        missing = [n for n in params if n not in shapes and not (n.endswith("lm_head.weight")
-                                                                  and self.model.config.tie_word_embeddings)]
+        present = {id(p) for n, p in params.items() if n in shapes}   # a tied head is the embedding's object
+        missing = [n for n, p in params.items() if n not in shapes and id(p) not in present]
         if missing:
             raise ParityError(f"reference model: checkpoint has no tensor {missing[0]}")
         names = {id(p): n for n, p in params.items() if n in shapes}

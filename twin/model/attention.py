@@ -32,7 +32,7 @@ def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     ``sliding_window`` keys when the layer has one). Returns (M, 1, H, D) as transformers' kernels do.
     ``attention_mask`` is ignored: the mask comes from the positions.
     """
-    for name in ("s_aux", "sinks", "position_bias"):
+    for name in ("sinks", "position_bias"):
         if kwargs.get(name) is not None:
             raise UnsupportedModelError(f"{type(module).__name__} passes {name!r} to its attention kernel; "
                                         f"twinserve's slot-cache attention does not implement it")
@@ -40,7 +40,8 @@ def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     call = ctx.calls.get(id(module), 0)          # the n-th attention call of this module in this forward
     ctx.calls[id(module)] = call + 1
     k_cache, v_cache = ctx.cache.layer(module.layer_idx, key, value, call)
-    return _flat_attention(ctx.flat, k_cache, v_cache, query, key, value, scaling, sliding_window, softcap)
+    return _flat_attention(ctx.flat, k_cache, v_cache, query, key, value, scaling, sliding_window, softcap,
+                           kwargs.get("s_aux"))
 
 
 # SDPA backends for a masked block of queries on CUDA. cuDNN's attention builds an execution plan for every
@@ -49,25 +50,38 @@ def twin_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _attend(query, keys, values, mask, scaling, softcap):
-    """softmax(q kᵀ · scaling [soft-capped], masked) v.  q (N, H, S, D), k/v (N, Hkv, L, D), mask (N, 1, S, L),
-    or None for plain causal attention with S == L (SDPA's is_causal: no mask tensor, and its fused kernels
-    skip the masked blocks; not with softcap)."""
+def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """fp32 softmax over the last dim; with attention sinks (GPT-OSS, per head, shaped to broadcast as one more
+    column of ``scores``) each sink is one more logit in the denominator whose probability is dropped."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    scores, sinks = scores.float(), sinks.float()
+    top = torch.maximum(scores.amax(-1, keepdim=True), sinks)
+    e = (scores - top).exp()
+    return e / (e.sum(-1, keepdim=True) + (sinks - top).exp())
+
+
+def _attend(query, keys, values, mask, scaling, softcap, sinks=None):
+    """softmax(q kᵀ · scaling [soft-capped], masked [, sinks]) v.  q (N, H, S, D), k/v (N, Hkv, L, D), mask
+    (N, 1, S, L), or None for plain causal attention with S == L (SDPA's is_causal: no mask tensor, and its
+    fused kernels skip the masked blocks; not with softcap or sinks). ``sinks``: (H,) per-head sink logits."""
     rep = query.shape[1] // keys.shape[1]
-    if softcap is None:
+    if softcap is None and sinks is None:
         kw = {"attn_mask": mask} if mask is not None else {"is_causal": True}
         with sdpa_kernel(_CUDA_SDPA) if query.is_cuda else contextlib.nullcontext():   # not cuDNN: _CUDA_SDPA
             return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=rep > 1, **kw)
-    # tanh soft-capping of the scores (Gemma 2): softmax in fp32 as transformers' eager kernel
+    # tanh soft-capping of the scores (Gemma 2) or sinks: softmax in fp32 as transformers' eager kernels
     if rep > 1:
         keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
     scores = (query @ keys.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ values
+    sinks = None if sinks is None else sinks.view(1, -1, 1, 1)
+    return _softmax(scores, sinks).to(query.dtype) @ values
 
 
-def _decode_attend(query, keys, values, mask, scaling, softcap):
+def _decode_attend(query, keys, values, mask, scaling, softcap, sinks=None):
     """One query per row: q (K, H, 1, D), k/v (K, Hkv, L, D) cache views, mask (K, 1, 1, L) -> (K, H, 1, D).
 
     Two batched matmuls with the query heads of a KV group as the rows of one product (GQA without
@@ -76,7 +90,7 @@ def _decode_attend(query, keys, values, mask, scaling, softcap):
     x 41 keys), whose blocking is built for many queries. On CUDA it is SDPA (`_attend`).
     """
     if query.is_cuda:     # SDPA's fused kernels launch once where this takes six launches
-        return _attend(query, keys, values, mask, scaling, softcap)
+        return _attend(query, keys, values, mask, scaling, softcap, sinks)
     k, h, _, dim = query.shape
     hkv = keys.shape[1]
     if keys.dtype != torch.float32:   # CPU bf16 matmul over a strided cache view copies slowly inside: 4x
@@ -86,7 +100,8 @@ def _decode_attend(query, keys, values, mask, scaling, softcap):
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype) @ values           # (K, Hkv, rep, Dv)
+    sinks = None if sinks is None else sinks.view(1, hkv, h // hkv, 1)
+    out = _softmax(scores, sinks).to(values.dtype) @ values                                      # (K, Hkv, rep, Dv)
     return out.reshape(k, h, 1, values.shape[-1])
 
 
@@ -98,7 +113,7 @@ def _window_mask(q_pos: torch.Tensor, length: int, window: int | None) -> torch.
     return m & (key_pos > q_pos[..., None] - window) if window is not None else m
 
 
-def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scaling, window, softcap):
+def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scaling, window, softcap, sinks=None):
     """Unified step: M tokens as M rows of one token each (query (M, H, 1, D)).
 
     Every token's key/value is written first; then the decode tokens attend together (one batched
@@ -122,14 +137,14 @@ def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scalin
         mask = flat.masks.get(window)
         if mask is None:   # the same for every layer with this window: built once per step
             mask = flat.masks[window] = _window_mask(flat.positions[d][:, None], length, window)[:, None]
-        o = _decode_attend(query if pure_decode else query[d], keys, values, mask, scaling, softcap)
+        o = _decode_attend(query if pure_decode else query[d], keys, values, mask, scaling, softcap, sinks)
         if pure_decode:
             return o.transpose(1, 2), None
         out[d] = o
     for i, (start, n, slot, p0) in enumerate(flat.segments):
         q = query[start:start + n].transpose(0, 2)                  # (1, H, n, D)
         length = p0 + n
-        if p0 == 0 and softcap is None and (window is None or n <= window):
+        if p0 == 0 and softcap is None and sinks is None and (window is None or n <= window):
             mask = None       # a whole prompt from position 0: plain causal, SDPA's own is_causal
         else:
             mask = flat.masks.get((i, window))
@@ -137,7 +152,7 @@ def _flat_attention(flat: FlatBatch, k_cache, v_cache, query, key, value, scalin
                 mask = flat.masks[(i, window)] = _window_mask(torch.arange(p0, length, device=query.device),
                                                               length, window)[None, None]
         o = _attend(q, k_cache[slot:slot + 1, :, :length], v_cache[slot:slot + 1, :, :length], mask,
-                    scaling, softcap)
+                    scaling, softcap, sinks)
         out[start:start + n] = o.transpose(0, 2)
     return out.transpose(1, 2), None
 

@@ -58,10 +58,18 @@ class HFTwinModel(nn.Module):
         for m in hf.modules():
             if hasattr(m, "layer_idx") and "Attention" in type(m).__name__:
                 m._twin_ctx = self.ctx
-        self.base = hf.base_model
+        # the decoder stack (transformers' base model; Llama 4's text class keeps it under .model)
+        self.base = hf.base_model if hf.base_model is not hf else hf.model
         self.layers = next((m for m in self.base.children()
                             if isinstance(m, nn.ModuleList) and len(m) == config.num_hidden_layers), None)
         self.args = ModelArgs(config.num_hidden_layers, config.hidden_size, config.vocab_size)
+        # RoBERTa-style embeddings count positions from padding_idx + 1 (transformers derives them from the ids)
+        emb = getattr(self.base, "embeddings", None)
+        self.position_offset = (emb.padding_idx + 1 if hasattr(emb, "create_position_ids_from_input_ids")
+                                and getattr(emb, "padding_idx", None) is not None else 0)
+        # what runs between the decoder's last hidden state and the logits: the lm_head, or the class's head
+        # modules in order (BERT's transform + decoder, ModernBERT's prediction head + decoder)
+        self._head_names = [n for n, m in hf.named_children() if m is not self.base]
         self.num_experts = 0
         self.expert_names: list[str] = []
         self._packed: dict[str, nn.Module] = {}
@@ -89,8 +97,16 @@ class HFTwinModel(nn.Module):
         if missing:
             raise UnsupportedModelError(f"checkpoint has no tensor {missing[0]} ({len(missing)} missing)")
         hf.load_state_dict(load, strict=False, assign=True)
-        if self.tied:  # assign=True replaced the embedding's Parameter: tie the head to the new one again
-            head.weight = emb.weight
+        # assign=True replaced each loaded Parameter: tie every name that shared one (a tied head's weight,
+        # RoBERTa's decoder bias) to the loaded tensor again
+        shared: dict[int, list[str]] = {}
+        for n, p in params.items():
+            shared.setdefault(id(p), []).append(n)
+        for names in shared.values():
+            src = next((n for n in names if n in load), None)
+            for n in names if src is not None and len(names) > 1 else ():
+                path, _, attr = n.rpartition(".")
+                setattr(hf.get_submodule(path), attr, hf.get_parameter(src))
         self._state = {n: params_now for n, params_now in hf.state_dict(keep_vars=True).items() if n in load}
 
     @property
@@ -148,7 +164,7 @@ class HFTwinModel(nn.Module):
         mix = None if flat.mix is None else flat.mix.to(self.dtype)
         ctx.mix, ctx.cache, ctx.flat, ctx.calls = mix, cache, flat, {}
         try:
-            h = self.base(input_ids=flat.tokens[:, None], position_ids=flat.positions[:, None],
+            h = self.base(input_ids=flat.tokens[:, None], position_ids=self._position_ids(flat),
                           use_cache=False).last_hidden_state                      # (M, 1, H)
             at = flat.logits_at
             rows = h[at]                                                           # (R, 1, H)
@@ -158,9 +174,15 @@ class HFTwinModel(nn.Module):
         finally:
             ctx.mix = ctx.cache = ctx.flat = None
 
+    def _position_ids(self, flat: FlatBatch) -> torch.Tensor:
+        return (flat.positions + self.position_offset if self.position_offset else flat.positions)[:, None]
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head plus the logit post-processing transformers' CausalLM classes apply."""
-        logits = self.hf.get_output_embeddings()(h)
+        """lm_head (or the class's head modules) plus the logit post-processing transformers' CausalLM classes
+        apply."""
+        logits = h
+        for name in self._head_names:      # looked up each time: Twin layers and prepacking replace modules
+            logits = getattr(self.hf, name)(logits)
         cfg = self.config
         if getattr(cfg, "logit_scale", None) is not None:            # Cohere
             logits = logits * cfg.logit_scale
@@ -188,7 +210,7 @@ class HFTwinModel(nn.Module):
 
         handle = self.layers[num_layers - 1].register_forward_hook(hook)
         try:
-            self.base(input_ids=flat.tokens[:, None], position_ids=flat.positions[:, None], use_cache=False)
+            self.base(input_ids=flat.tokens[:, None], position_ids=self._position_ids(flat), use_cache=False)
         except _StopForward:
             pass
         finally:

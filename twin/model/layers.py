@@ -187,6 +187,8 @@ def delta_refusal(model: nn.Module, param: str) -> str | None:
     if isinstance(mod, TwinLayer):
         mod = mod.base_layer
     kind = type(mod).__name__
+    if isinstance(mod, nn.Linear) and type(mod).forward is not nn.Linear.forward:
+        return f"{kind} is an nn.Linear with a forward of its own (an MoE router's), which a Twin layer does not wrap"
     if isinstance(mod, (nn.Linear, Conv1D, PackedLinear)):
         return None if attr in ("weight", "bias") else f"{attr} of a {kind} has no Twin layer"
     if isinstance(mod, nn.Embedding):
