@@ -241,6 +241,7 @@ class Engine:
             if tok in self.eos_ids and not r.params.ignore_eos:
                 self._detokenize(r, final=True)   # held-back bytes of a partial character are output too
                 r.ended_on_eos = True
+                self.metrics.generation_tokens.inc()   # usage bills the eos token: the counter counts it too
                 if rec is not None:  # the eos token is reported (clients such as lm-eval count on it)
                     rec.offset = len(r.text)
                     r.logprobs.append(rec)

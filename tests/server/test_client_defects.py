@@ -404,3 +404,24 @@ def test_echo_text_offsets_index_the_echoed_prompt(c, prompt):
     # generated tokens continue after the echoed prompt, never before it
     assert all(o >= len(prompt) for o in lp["text_offset"][n:])
     assert lp["text_offset"] == sorted(lp["text_offset"])
+
+
+# ----------------------------------------------------------------------------- generation_tokens_total
+
+def _generated_total(client) -> float:
+    text = client.get("/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("twinserve_generation_tokens_total")))
+
+
+def test_generation_tokens_total_counts_what_usage_bills(c):
+    """An answer that ends on <eos> is billed the <eos> token (as OpenAI does): /metrics counts it too."""
+    eos = c.app.state.service.tokenizer.eos_token_id
+    before = _generated_total(c)
+    billed = 0
+    for body in ({"logit_bias": {str(eos): 100}, "max_tokens": 5},       # the first token is <eos>
+                 {"max_tokens": 4, "logit_bias": {str(eos): -100}}):    # never <eos>: ends on length
+        out = c.post("/v1/completions", json={"model": "tiny", "prompt": "ab", "temperature": 0, **body}).json()
+        billed += out["usage"]["completion_tokens"]
+    assert billed == 1 + 4
+    assert _generated_total(c) - before == billed
