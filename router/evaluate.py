@@ -8,7 +8,7 @@ import torch
 from twin.generate import encode_prompts, greedy_generate
 from twin.model import FlatBatch
 
-from .features import prompt_features
+from .features import router_features, router_prompt_features
 from .model import Router, load_router
 
 # Prompts of no known task: the fallback should take these.
@@ -35,7 +35,7 @@ def router_weight_fn(art):
         return None
 
     def weights(task: str, rows: list[dict]) -> torch.Tensor:
-        x = prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config.feature_layer)
+        x = router_prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config)
         return router.route(x).weights
     return weights
 
@@ -53,7 +53,7 @@ def cost_fraction_of_prefill(art, router: Router, prompts: list[str], repeats: i
         model.step(flat, model.new_cache(len(ids), max(len(s) for s in ids)))
 
     def route():
-        router.route(prompt_features(model, art.tokenizer, prompts, router.config.feature_layer))
+        router.route(router_prompt_features(model, art.tokenizer, prompts, router.config))
 
     def best(fn):
         fn()
@@ -66,8 +66,31 @@ def cost_fraction_of_prefill(art, router: Router, prompts: list[str], repeats: i
     return best(route) / best(full)
 
 
+@torch.inference_mode()
+def continuation_report(art, router: Router, rows: list[dict]) -> dict:
+    """Loglikelihood requests carry context + continuation as one prompt. For each test prompt, append the
+    targets of one prompt of every task (its own task's answer and answers in every other task's style) and
+    count how often the routing equals the context's own (same fallback, weights within 1e-4)."""
+    tok = art.tokenizer
+    by_task: dict[str, dict] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], r)
+    tails = [r["target"] for r in by_task.values() if r.get("target")]
+    contexts = encode_prompts(tok, [r["prompt"] for r in rows])
+    joined = [ctx + tok.encode(t, add_special_tokens=False) for ctx in contexts for t in tails]
+    if not joined:
+        return {"continuations": 0}
+    base = router.route(router_features(art.model, contexts, router.config))
+    out = router.route(router_features(art.model, joined, router.config))
+    n = len(tails)
+    same = [(not bool(out.fallback[i] ^ base.fallback[i // n]))
+            and float((out.weights[i] - base.weights[i // n]).abs().max()) <= 1e-4 for i in range(len(joined))]
+    return {"continuations": len(joined), "same_routing_rate": round(sum(same) / len(same), 4),
+            "fallback_rate": round(float(out.fallback.float().mean()), 4)}
+
+
 def unknown_prompt_report(art, router: Router, prompts: list[str] = UNKNOWN_PROMPTS) -> dict:
-    x = prompt_features(art.model, art.tokenizer, prompts, router.config.feature_layer)
+    x = router_prompt_features(art.model, art.tokenizer, prompts, router.config)
     r = router.route(x)
     outs = greedy_generate(art.model, art.tokenizer, prompts, r.weights, max_new_tokens=24)
     names = router.config.experts

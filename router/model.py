@@ -17,6 +17,13 @@ import torch
 from torch import nn
 
 FALLBACKS = ("backbone", "uniform", "none")
+# The router's saved format (the manifest's router config). 1: features pooled over every prompt token (no
+# ``prefix_tokens``); 2: pooled over the first ``prefix_tokens`` tokens (None = every token, as 1).
+ROUTER_FORMAT = 2
+
+
+class RouterFormatError(ValueError):
+    """A router config this version cannot read (a newer format); names the versions."""
 
 
 @dataclass
@@ -31,6 +38,8 @@ class RouterConfig:
     min_confidence: float = 0.5
     max_entropy: float | None = None
     max_distance: float | None = None
+    prefix_tokens: int | None = None    # features pool the prompt's first K tokens (None: all of them)
+    version: int = ROUTER_FORMAT
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -38,7 +47,18 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RouterConfig:
+        """A saved config; format 1 (no ``version``) reads as every-token pooling, as it was trained."""
+        version = d.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= ROUTER_FORMAT:
+            raise RouterFormatError(f"router format {version!r} is not one this twinserve reads (1..{ROUTER_FORMAT}); "
+                                    "retrain the router with `twinserve train-router` or upgrade twinserve")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["version"] = version
+        if version == 1:
+            known["prefix_tokens"] = None
+        p = known.get("prefix_tokens")
+        if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
+            raise RouterFormatError(f"router prefix_tokens must be a positive integer or null, got {p!r}")
         return cls(**known)
 
 
@@ -128,7 +148,10 @@ def load_router(path, manifest) -> Router | None:
     section = manifest.router  # twin.manifest.Manifest
     if section is None:
         return None
-    cfg = RouterConfig.from_dict(section.config)
+    try:
+        cfg = RouterConfig.from_dict(section.config)
+    except RouterFormatError as e:
+        raise ArtifactError(f"{Path(path) / ROUTER}: {e}") from None
     if cfg.experts != manifest.expert_names:
         raise ArtifactError(f"{Path(path) / ROUTER}: router experts {cfg.experts} differ from the artifact's")
     state = load_tensors(Path(path), ROUTER)

@@ -1,12 +1,15 @@
 """Labelled prompts -> router weights in the artifact, with a held-out accuracy report.
 
-The feature layer L_r is chosen by measurement: every candidate layer is scored on the held-out
-split and the shallowest one within ``layer_tolerance`` of the best accuracy wins (cheapest routing
-that is as accurate).
+The feature layer L_r and the prompt head K the features pool over (``prefix_tokens``) are chosen by
+measurement: every candidate (L_r, K) is scored on the held-out split and the cheapest one within
+``layer_tolerance`` of the best accuracy wins, cost = L_r × the mean head length (the router pass runs
+min(len, K) tokens through L_r blocks). A short head keeps the pass cheap on long prompts and makes the
+feature blind to whatever follows the head: a loglikelihood request's appended continuation.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -19,11 +22,16 @@ from safetensors.torch import save
 
 from twin.artifact import ROUTER, update_artifact
 from twin.errors import TwinserveError
+from twin.generate import encode_prompts
 
-from .features import prompt_features
+from .features import prefix_pooled_features
 from .model import FALLBACKS, Router, RouterConfig, RouterMLP
 
 MIN_PER_TASK = 5
+# candidate prompt heads K (tokens) for the features; None = the whole prompt. The search keeps the
+# cheapest one as accurate as the best; heads shorter than 8 tokens are not tried (too little of a real
+# prompt to tell its task, and nothing left to tell a prompt of no task from one of a known task)
+PREFIX_CANDIDATES: tuple[int | None, ...] = (8, 16, 32, 64, 128, 256, None)
 
 
 class RouterDataError(TwinserveError):
@@ -105,17 +113,28 @@ def confusion(y_true: torch.Tensor, y_pred: torch.Tensor, names: list[str]) -> d
     return m
 
 
-def calibrate_distance(mlp: RouterMLP, x: torch.Tensor, quantile: float = 0.995, margin: float = 1.5) -> float:
-    """Distance threshold: a margin above the ``quantile`` of training prompts' nearest-centroid distance."""
+def calibrate_distance(mlp: RouterMLP, x: torch.Tensor, quantile: float = 0.995, margin: float = 1.5,
+                       floor: float = 0.25) -> float:
+    """Distance threshold: a margin above the ``quantile`` of training prompts' nearest-centroid distance,
+    and at least ``floor`` × the distance between the two closest task centroids (prompts of one task can
+    share their whole head, so the quantile can be ~0: a threshold of ~0 would send rounding noise, or a
+    bf16 model's features, to the fallback)."""
     with torch.no_grad():
         d = mlp.centroid_distance(x)
-    return float(torch.quantile(d, quantile)) * margin
+        c = mlp.centroids
+        sep = torch.cdist(c, c) / math.sqrt(c.shape[-1])
+        sep = sep[~torch.eye(len(c), dtype=torch.bool)]
+    closest = float(sep.min()) if sep.numel() else 0.0
+    return max(float(torch.quantile(d, quantile)) * margin, floor * closest)
 
 
 def train_router(art, rows: list[dict], layer: int | str = "auto", hidden: int = 256, heldout: float = 0.2,
                  epochs: int = 200, seed: int = 0, fallback: str = "backbone", min_confidence: float = 0.5,
-                 layer_tolerance: float = 0.005, console: Console | None = None) -> tuple[Router, dict]:
-    """art: a LoadedArtifact. Returns the router and its report (accuracy, confusion, layer search)."""
+                 layer_tolerance: float = 0.005, prefix_tokens: int | str | None = "auto",
+                 console: Console | None = None) -> tuple[Router, dict]:
+    """art: a LoadedArtifact. Returns the router and its report (accuracy, confusion, layer/head search).
+
+    ``prefix_tokens``: "auto" searches PREFIX_CANDIDATES; an int fixes the head; None pools every token."""
     if fallback not in FALLBACKS:
         raise RouterDataError(f"fallback must be one of {', '.join(FALLBACKS)}")
     console = console or Console(stderr=True)
@@ -124,36 +143,54 @@ def train_router(art, rows: list[dict], layer: int | str = "auto", hidden: int =
     num_layers = art.model.args.num_layers
     y = torch.tensor([names.index(r["task"]) for r in rows])
     tr, te = stratified_split(rows, heldout, seed)
-    prompts = [r["prompt"] for r in rows]
+    ids = encode_prompts(art.tokenizer, [r["prompt"] for r in rows])
     if layer == "auto":
         candidates = list(range(1, num_layers + 1))
     else:
         if not 1 <= int(layer) <= num_layers:
             raise RouterDataError(f"--layer must be in 1..{num_layers} or auto, got {layer}")
         candidates = [int(layer)]
-    search: dict[int, float] = {}
-    fitted: dict[int, tuple[RouterMLP, torch.Tensor]] = {}
+    if prefix_tokens == "auto":
+        longest = max(len(t) for t in ids)
+        # heads at or past the longest training prompt give the same features: keep the shortest of them
+        prefixes = [k for k in PREFIX_CANDIDATES if k is not None and k < longest]
+        prefixes.append(next((k for k in PREFIX_CANDIDATES if k is not None and k >= longest), None))
+    else:
+        if prefix_tokens is not None and (isinstance(prefix_tokens, bool) or int(prefix_tokens) < 1):
+            raise RouterDataError(f"--prefix-tokens must be a positive number, all or auto, got {prefix_tokens}")
+        prefixes = [None if prefix_tokens is None else int(prefix_tokens)]
+
+    def mean_head(k: int | None) -> float:
+        return sum(len(t) if k is None else min(len(t), k) for t in ids) / len(ids)
+    search: dict[tuple[int, int | None], float] = {}
+    fitted: dict[tuple[int, int | None], tuple[RouterMLP, torch.Tensor]] = {}
     for L in candidates:
-        with console.status(f"router: features at layer {L}/{num_layers} and MLP fit"):
-            x = prompt_features(art.model, art.tokenizer, prompts, L)
-            mlp = fit_mlp(x[tr], y[tr], len(names), hidden, epochs, seed=seed)
-            with torch.no_grad():
-                acc = (mlp(x[te]).argmax(-1) == y[te]).float().mean().item()
-        search[L] = round(acc, 4)
-        fitted[L] = (mlp, x)
+        with console.status(f"router: features at layer {L}/{num_layers} (heads {prefixes}) and MLP fits"):
+            feats = prefix_pooled_features(art.model, ids, L, prefixes)
+            for k, x in feats.items():
+                mlp = fit_mlp(x[tr], y[tr], len(names), hidden, epochs, seed=seed)
+                with torch.no_grad():
+                    acc = (mlp(x[te]).argmax(-1) == y[te]).float().mean().item()
+                search[(L, k)] = round(acc, 4)
+                fitted[(L, k)] = (mlp, x)
     best = max(search.values())
-    chosen = min(L for L, a in search.items() if a >= best - layer_tolerance)
+    chosen = min((c for c, a in search.items() if a >= best - layer_tolerance),
+                 key=lambda c: (c[0] * mean_head(c[1]), c[0]))
+    L, k = chosen
     mlp, x = fitted[chosen]
     with torch.no_grad():
         pred = mlp(x[te]).argmax(-1)
-    cfg = RouterConfig(experts=names, feature_dim=x.shape[1], feature_layer=chosen, hidden=hidden,
+    cfg = RouterConfig(experts=names, feature_dim=x.shape[1], feature_layer=L, hidden=hidden,
                        fallback=fallback, min_confidence=min_confidence,
-                       max_distance=calibrate_distance(mlp, x[tr]))
+                       max_distance=calibrate_distance(mlp, x[tr]), prefix_tokens=k)
     report = {
         "heldout_accuracy": round((pred == y[te]).float().mean().item(), 4),
-        "feature_layer": chosen,
+        "feature_layer": L,
+        "prefix_tokens": k,
         "num_layers": num_layers,
-        "layer_search": {str(k): v for k, v in search.items()},
+        # best accuracy over the heads at each layer (as format 1 reported it), then every (layer, head)
+        "layer_search": {str(c): max(a for (cl, _), a in search.items() if cl == c) for c in candidates},
+        "search": {f"{cl}/{'all' if ck is None else ck}": a for (cl, ck), a in search.items()},
         "train_size": len(tr), "heldout_size": len(te),
         "confusion": confusion(y[te], pred, names),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -169,9 +206,11 @@ def save_router(path: str | Path, router: Router, report: dict) -> dict:
 
 
 def print_router_report(report: dict, names: list[str], console: Console) -> None:
-    console.print(f"router: feature layer {report['feature_layer']}/{report['num_layers']} · held-out top-1 "
+    k = report.get("prefix_tokens")
+    console.print(f"router: feature layer {report['feature_layer']}/{report['num_layers']} · prompt head "
+                  f"{'all tokens' if k is None else f'{k} tokens'} · held-out top-1 "
                   f"[bold]{report['heldout_accuracy']:.3f}[/] on {report['heldout_size']} prompts · "
-                  f"layer search {report['layer_search']}")
+                  f"search (layer/head: accuracy) {report.get('search', report['layer_search'])}")
     table = Table(title="held-out confusion (rows: true task, columns: routed expert)")
     table.add_column("true \\ routed")
     for n in names:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from router.features import pooled_features
+from router.features import router_features
 from router.model import Router
 from twin.loading import LoadedArtifact
 from twin.model.batch import FlatBatch
@@ -117,9 +117,10 @@ class ModelRunner:
         weights: dict[int, torch.Tensor | None] = {}
         if need:
             t0 = time.perf_counter()
-            pad = self.art.tokenizer.pad_token_id or 0
-            feats = pooled_features(self.model, [s.prompt_ids for s in need], self.router.config.feature_layer,
-                                    pad).cpu()  # the router MLP is tiny and lives on the CPU
+            # the router reads the prompt's head (config.prefix_tokens): a continuation appended after it
+            # (loglikelihood scoring) routes as its context does, and the pass is bounded by the head
+            feats = router_features(self.model, [s.prompt_ids for s in need],
+                                    self.router.config).cpu()  # the router MLP is tiny and lives on the CPU
             groups: dict[tuple, list[int]] = {}
             for i, s in enumerate(need):
                 groups.setdefault((s.routing.top_k or default_top_k,

@@ -9,8 +9,13 @@ import shutil
 import pytest
 import torch
 
-from router.features import pooled_features, prompt_features
-from router.model import Router, apply_top_k, load_router
+from router.features import (
+    pooled_features,
+    prefix_pooled_features,
+    router_features,
+    router_prompt_features,
+)
+from router.model import ROUTER_FORMAT, Router, RouterConfig, RouterFormatError, apply_top_k, load_router
 from router.train import MIN_PER_TASK, RouterDataError, read_labelled, train_router
 from tests.conftest import (
     EXPERT_NAMES,
@@ -40,7 +45,7 @@ def router(art) -> Router:
 def heldout(art, router):
     """Fresh prompts of each task (another seed than training) and their features."""
     rows = router_rows(20, seed=99)
-    x = prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config.feature_layer)
+    x = router_prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config)
     y = torch.tensor([EXPERT_NAMES.index(r["task"]) for r in rows])
     return x, y
 
@@ -79,7 +84,8 @@ def test_router_separates_the_tasks(routed_artifact, router, heldout):
 
 def test_trained_router_equals_the_saved_one(art, router):
     fresh, report = train_router(art, router_rows(), **ROUTER_TRAIN)
-    x = prompt_features(art.model, art.tokenizer, ["add abc fed", "jim hij", "purr rst"], 1)
+    assert fresh.config.prefix_tokens == router.config.prefix_tokens
+    x = router_prompt_features(art.model, art.tokenizer, ["add abc fed", "jim hij", "purr rst"], router.config)
     assert torch.allclose(fresh.route(x).weights, router.route(x).weights, atol=1e-5)
     assert fresh.config.max_distance == pytest.approx(router.config.max_distance)
     assert set(report["confusion"]) == set(EXPERT_NAMES)
@@ -136,9 +142,9 @@ def test_fallback_on_distance_from_every_centroid(art, router):
     assert bool(out.fallback[0]) and (out.weights[0] == 0).all()
     # real prompts of no task are caught the same way
     unknown = " ".join(ROUTER_UNKNOWN_LETTERS * 2 for _ in range(4))
-    out = router.route(prompt_features(art.model, art.tokenizer, [unknown], router.config.feature_layer))
+    out = router.route(router_prompt_features(art.model, art.tokenizer, [unknown], router.config))
     assert bool(out.fallback[0]) and float(out.weights.sum()) == 0.0
-    out = router.route(prompt_features(art.model, art.tokenizer, [unknown], 1), fallback="uniform")
+    out = router.route(router_prompt_features(art.model, art.tokenizer, [unknown], router.config), fallback="uniform")
     assert torch.allclose(out.weights, torch.full((1, 3), 1 / 3))
 
 
@@ -271,3 +277,120 @@ def test_load_router_rejects_mismatched_experts(routed_artifact):
     with pytest.raises(ArtifactError, match="router.safetensors.*does not match"):
         load_router(routed_artifact, manifest)
     assert load_router(routed_artifact, manifest.model_copy(update={"router": None})) is None
+
+
+# ----------------------------------------------------------------------------- the prompt head (format 2)
+
+def test_head_features_are_the_truncated_prompts_and_ignore_what_follows(art):
+    ids = encode_prompts(art.tokenizer, ["add abc fed gab", "jim hij", "purr opq rstu opqr stuo pqrs tuop"])
+    many = prefix_pooled_features(art.model, ids, 1, [3, 8, None])
+    for k in (3, 8, None):      # one pass serves every head; each equals a pass over the truncated prompts
+        alone = pooled_features(art.model, [t[:k] if k else t for t in ids], 1)
+        assert (many[k] - alone).abs().max() <= 1e-5
+        assert (pooled_features(art.model, ids, 1, max_tokens=k) - alone).abs().max() <= 1e-5
+    tails = [art.tokenizer.encode(x, add_special_tokens=False) for x in ("ABCDEF", "zz", "hij hij hij hij")]
+    longer = [t + tail for t in ids for tail in tails]            # a continuation appended after the context
+    heads = pooled_features(art.model, longer, 1, max_tokens=8)
+    assert (heads - pooled_features(art.model, ids, 1, max_tokens=8).repeat_interleave(3, 0)).abs().max() <= 1e-5
+    whole = pooled_features(art.model, longer, 1)
+    assert (whole - pooled_features(art.model, ids, 1).repeat_interleave(3, 0)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="at least 1"):
+        pooled_features(art.model, ids, 1, max_tokens=0)
+
+
+def test_training_picks_the_cheapest_head_and_reports_the_search(art, routed_artifact, router):
+    from router.train import PREFIX_CANDIDATES
+
+    report = read_manifest(routed_artifact).router.train
+    # every head separates these tasks: the shortest candidate is the cheapest as accurate as the best
+    assert router.config.prefix_tokens == 8 == report["prefix_tokens"]
+    assert router.config.version == ROUTER_FORMAT == 2
+    longest = max(len(t) for t in encode_prompts(art.tokenizer, [r["prompt"] for r in router_rows()]))
+    heads = [k for k in PREFIX_CANDIDATES if k and k < longest] + [min(k for k in PREFIX_CANDIDATES if k and k >= longest)]
+    assert list(report["search"]) == [f"1/{k}" for k in heads]      # heads past the longest prompt: one of them
+    assert all(a >= 0.95 for a in report["search"].values())
+    assert report["layer_search"] == {"1": max(report["search"].values())}
+
+
+def test_a_continuation_after_the_head_routes_as_its_context(art, router):
+    ctx = encode_prompts(art.tokenizer, [r["prompt"] for r in router_rows(4, seed=5)])
+    assert min(len(t) for t in ctx) > router.config.prefix_tokens
+    tails = [art.tokenizer.encode(x, add_special_tokens=False) for x in ("hij klm", "opq rst tuo", "ABC")]
+    base = router.route(router_features(art.model, ctx, router.config))
+    joined = router.route(router_features(art.model, [c + t for c in ctx for t in tails], router.config))
+    assert torch.allclose(joined.weights, base.weights.repeat_interleave(3, 0), atol=1e-5)
+    assert not joined.fallback.any()
+    # pooled over every token, the other task's letters pull the routing away or into the fallback
+    whole = RouterConfig(**{**router.config.to_dict(), "prefix_tokens": None})
+    x = router_features(art.model, [c + t for c in ctx for t in tails], whole)
+    assert (x - router_features(art.model, ctx, whole).repeat_interleave(3, 0)).abs().max() > 1e-2
+
+
+def test_training_with_a_fixed_head_or_every_token(art):
+    rows = router_rows(12, seed=6)
+    every, rep = train_router(art, rows, layer=1, hidden=16, epochs=60, prefix_tokens=None)
+    assert every.config.prefix_tokens is None and rep["search"] == {"1/all": rep["heldout_accuracy"]}
+    fixed, rep = train_router(art, rows, layer=1, hidden=16, epochs=60, prefix_tokens=12)
+    assert fixed.config.prefix_tokens == 12 and list(rep["search"]) == ["1/12"]
+    with pytest.raises(RouterDataError, match="--prefix-tokens"):
+        train_router(art, rows, layer=1, prefix_tokens=0)
+
+
+def test_distance_threshold_has_a_floor_when_a_task_shares_its_whole_head(art, router):
+    from router.train import calibrate_distance
+
+    z = router.mlp.centroids
+    closest = min(float(torch.dist(z[i], z[j])) for i in range(len(z)) for j in range(len(z)) if i != j)
+    closest /= z.shape[1] ** 0.5
+    # features exactly at the centroids: every training distance is 0, the quantile too
+    x = router.mlp.mean + router.mlp.std * z
+    assert calibrate_distance(router.mlp, x) == pytest.approx(0.25 * closest, rel=1e-4)
+
+
+def test_router_format_1_still_reads_and_a_newer_format_is_refused(routed_artifact):
+    manifest = read_manifest(routed_artifact)
+    old = {k: v for k, v in manifest.router.config.items() if k not in ("version", "prefix_tokens")}
+    cfg = RouterConfig.from_dict(old)        # a format-1 router pools every token, as it was trained
+    assert cfg.version == 1 and cfg.prefix_tokens is None
+    assert RouterConfig.from_dict({**old, "version": 1, "prefix_tokens": 8}).prefix_tokens is None
+    assert RouterConfig.from_dict({**old, "version": 2, "prefix_tokens": 8}).prefix_tokens == 8
+    manifest.router.config = old
+    assert load_router(routed_artifact, manifest).config.prefix_tokens is None
+    manifest.router.config = {**old, "version": 3}
+    with pytest.raises(ArtifactError, match=r"router.safetensors: router format 3 .*1\.\.2.*train-router"):
+        load_router(routed_artifact, manifest)
+    for bad in (0, -4, "8", True):
+        with pytest.raises(RouterFormatError, match="prefix_tokens"):
+            RouterConfig.from_dict({**old, "version": 2, "prefix_tokens": bad})
+
+
+def test_cli_prefix_tokens(artifact_copy, tmp_path, capsys):
+    from cli.main import main
+
+    data = write_router_jsonl(tmp_path / "rows.jsonl", router_rows(10, seed=8))
+    base = ["train-router", str(artifact_copy), "--data", str(data), "--layer", "1", "--epochs", "40",
+            "--hidden", "16"]
+    assert main(base + ["--prefix-tokens", "all"]) == 0, capsys.readouterr().err
+    assert verify_artifact(artifact_copy).router.config["prefix_tokens"] is None
+    assert main(base + ["--prefix-tokens", "12"]) == 0, capsys.readouterr().err
+    assert verify_artifact(artifact_copy).router.config["prefix_tokens"] == 12
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--prefix-tokens", "0"])
+    assert e.value.code == 2
+
+
+def test_served_loglikelihood_prompt_routes_as_its_context(routed_artifact):
+    """lm-eval's multiple choice: context + each candidate as one echoed prompt; every candidate is scored
+    by the context's routing, not by the backbone fallback or the candidate's own style."""
+    from tests.conftest import app_client
+
+    with app_client(routed_artifact) as c:
+        t = c.app.state.artifact.tokenizer
+        ctx = t.encode("add abc dcb gfe")
+        prompts = [ctx + t.encode(x, add_special_tokens=False) for x in ("", "hij klm nij", "opqr stuo")]
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompts, "echo": True, "logprobs": 1,
+                                             "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        routes = r.json()["twin"]["prompts"]
+        assert [x["top_expert"] for x in routes] == ["math"] * 3 and not any(x["fallback"] for x in routes)
+        assert all(x["weights"] == routes[0]["weights"] for x in routes)
