@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from twin.util import atomic_write
 
 RATIO_KEYS = ("lowrank_vs_backbone_throughput", "lowrank_top2_vs_backbone_throughput",
               "lowrank_vs_peft_mixed_throughput", "backbone_vs_hf_generate_throughput", "memory_vs_backbone",
@@ -150,18 +150,7 @@ def check_targets(ratios: dict, identity: dict | None = None, dtype: str = "floa
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def _mib(b: int) -> str:

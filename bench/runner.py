@@ -39,6 +39,7 @@ from server.settings import Settings
 from twin.errors import TwinserveError
 from twin.loading import LoadedArtifact, load_artifact
 from twin.model.memory import tensors_bytes
+from twin.util import percentile
 
 MODES = ("backbone", "lowrank", "lowrank_top2", "materialize", "expert")
 ENGINE_MODE = {"backbone": "backbone", "lowrank": "lowrank", "lowrank_top2": "lowrank",
@@ -239,13 +240,8 @@ def make_settings(mode: str, batch_size: int, max_model_len: int, artifact: str 
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+    v = percentile(values, q)
+    return float("nan") if v is None else v
 
 
 @dataclass

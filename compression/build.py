@@ -35,6 +35,7 @@ from twin.artifact import (
     read_manifest,
 )
 from twin.manifest import Manifest, TensorEntry
+from twin.util import DTYPES
 
 from .checkpoints import CheckpointError, LazyState, PeftExpert, load_config, open_expert
 from .lowrank import (
@@ -48,7 +49,6 @@ from .lowrank import (
 from .merging import merge_params, merge_tensor
 from .recipe import RankPolicy, Recipe, RecipeError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GENERATION_CONFIG = "generation_config.json"
 # safetensors header bytes per stored tensor besides its name (dtype, shape, offsets), kept out of the budget
 HEADER_BYTES_PER_TENSOR = 72

@@ -93,7 +93,9 @@ def _rates(threads: int | None) -> dict[str, float]:
 def estimate(recipe: Recipe, threads: int | None = None, shard_bytes: int = 1 << 29,
              skip_parity: bool = False) -> Estimate:
     """Shapes only (checkpoint headers, no tensor data) plus a one-second calibration."""
-    from .build import DTYPES, CheckpointSources, keeps_delta
+    from twin.util import DTYPES
+
+    from .build import CheckpointSources, keeps_delta
     from .checkpoints import LazyState, load_config, open_expert
     from .lowrank import FACTOR_BYTES
     from .merging import MERGE_METHODS

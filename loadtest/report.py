@@ -1,37 +1,24 @@
 """Statistics over the results, the JSON report (written atomically), the terminal table and the plot.
 
-Latencies are reported in milliseconds. Percentiles interpolate linearly between order statistics
-(the same as ``numpy.percentile``'s default). Accuracies count successful requests only.
+Latencies are reported in milliseconds. Percentiles are `twin.util.percentile` (linear interpolation, numpy's
+default), the definition the server's /v1/stats uses too. Accuracies count successful requests only.
 """
 from __future__ import annotations
 
+import io
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from twin.util import atomic_write, percentile
 
 from .client import Result
 
 SCHEMA_VERSION = 1
 PERCENTILES = (50, 95, 99)
 NO_EXPERT = "(none)"  # the server routed but named no top expert (e.g. fallback to the backbone)
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """The ``p``-th percentile (0..100) with linear interpolation; None for no values."""
-    if not values:
-        return None
-    if not 0 <= p <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {p}")
-    xs = sorted(values)
-    k = (len(xs) - 1) * p / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def distribution(values: list[float], scale: float = 1000.0) -> dict:
@@ -132,20 +119,8 @@ def summarize(results: list[Result], wall_s: float, config: dict | None = None,
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(report: dict, path: str | Path) -> None:
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(report, indent=2).encode() + b"\n"))
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
 
 
 def _fmt(v: float | None, spec: str = ".1f") -> str:
@@ -212,5 +187,7 @@ def plot(report: dict, path: str | Path) -> None:
         ax2.set_axis_off()
     ax2.set(xlabel="top_expert", ylabel="label")
     fig.tight_layout()
-    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
     plt.close(fig)

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,10 @@ from pathlib import Path
 
 import httpx
 
+from twin.util import free_port, percentile
+
 from .client import make_client, stream_completion
-from .report import percentile, write_json
+from .report import write_json
 from .workload import build_workload
 
 MALFORMED = [
@@ -36,12 +37,6 @@ MALFORMED = [
     ("too_long", lambda m: (json.dumps({"model": m, "prompt": "a" * 5000}).encode(), "application/json")),
     ("missing_prompt", lambda m: (json.dumps({"model": m}).encode(), "application/json")),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:

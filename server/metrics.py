@@ -7,6 +7,8 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from twin.util import percentile
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WINDOW_S = 300.0
@@ -104,8 +106,8 @@ class Metrics:
             self._trim()
             done = [d for d in self._done if d[0] >= now - window_s]
             routed = list(self._routed)
-        ttfts = sorted(d[1] for d in done if d[1] is not None)
-        e2es = sorted(d[2] for d in done)
+        ttfts = [d[1] for d in done if d[1] is not None]
+        e2es = [d[2] for d in done]
         share: dict[str, int] = {}
         for _, top in routed:
             key = top or "(fallback)"
@@ -114,8 +116,8 @@ class Metrics:
         return {
             "window_s": window_s,
             "requests_per_s": round(len(done) / window_s, 3),
-            "ttft_p50_s": _pct(ttfts, 50), "ttft_p99_s": _pct(ttfts, 99),
-            "e2e_p50_s": _pct(e2es, 50), "e2e_p99_s": _pct(e2es, 99),
+            "ttft_p50_s": _pct(ttfts, 50), "ttft_p99_s": _pct(ttfts, 99),   # twin.util.percentile, as the
+            "e2e_p50_s": _pct(e2es, 50), "e2e_p99_s": _pct(e2es, 99),       # load tester and the bench
             "running_batch_size": self._batch,
             "queue_depth": int(self.queue_depth._value.get()),
             "routing_share": {k: round(v / total, 4) for k, v in sorted(share.items())},
@@ -124,8 +126,6 @@ class Metrics:
         }
 
 
-def _pct(sorted_vals: list[float], q: float) -> float | None:
-    if not sorted_vals:
-        return None
-    k = min(len(sorted_vals) - 1, max(0, round(q / 100 * (len(sorted_vals) - 1))))
-    return round(sorted_vals[k], 4)
+def _pct(values: list[float], p: float) -> float | None:
+    v = percentile(values, p)
+    return None if v is None else round(v, 4)

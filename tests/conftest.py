@@ -249,14 +249,6 @@ def app_client(artifact: str | Path, **overrides):
         yield client
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def live_server(artifact: str | Path, **overrides):
     """uvicorn serving create_app(...) on 127.0.0.1:<free port> in a background thread.
@@ -271,6 +263,7 @@ def live_server(artifact: str | Path, **overrides):
 
     from compression.experts import read_expert_state
     from server.app import create_app
+    from twin.util import free_port
 
     app = create_app(server_settings(artifact, **overrides), expert_reader=read_expert_state)
     port = free_port()

@@ -13,8 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from twin.artifact import BACKBONE, load_exclusive, load_tensors, read_manifest, verify_artifact
 from twin.manifest import Manifest
 from twin.model import TwinModel
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from twin.util import DTYPES
 
 
 @dataclass

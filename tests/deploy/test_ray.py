@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from twin.util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

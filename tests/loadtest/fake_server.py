@@ -125,10 +125,3 @@ class FakeServer:
         self.server.should_exit = True
         self.thread.join(timeout=5)
         self.sock.close()
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 with nothing listening (for connection-refused tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -9,8 +9,7 @@ import pytest
 from loadtest.cli import main
 from loadtest.runner import RunConfig, poisson_offsets, run
 from loadtest.workload import Workload, load_tasks_dir, parse_mix
-
-from .fake_server import free_port
+from twin.util import free_port
 
 
 def _run(tmp_path, url, tasks_dir, *extra, plot=False):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from loadtest.client import Result, check_url
-from loadtest.report import distribution, percentile, routing_section, summarize
+from loadtest.report import distribution, routing_section, summarize
 from loadtest.runner import poisson_offsets
 from loadtest.workload import LoadtestError, Row, Workload, load_data_file, parse_mix
+from twin.util import percentile
 
 
 def test_percentile_known_values():

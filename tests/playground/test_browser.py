@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+from twin.util import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -42,12 +43,6 @@ if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get_json(url: str, timeout: float = 2.0):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
@@ -60,7 +55,7 @@ def served(request, tmp_path_factory):
         artifact, demo = DEMO, True
     else:  # no demo built (artifacts/ is git-ignored): the tiny 3-expert test artifact from tests/conftest.py
         artifact, demo = request.getfixturevalue("tiny_artifact"), False
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("playground") / "server.log"
     env = dict(os.environ, TWINSERVE_THREADS="1", TWINSERVE_LOG_LEVEL="warning", TOKENIZERS_PARALLELISM="false",
                TWINSERVE_REQUIRE_PARITY="false")   # the tiny test artifact is built without the parity gate

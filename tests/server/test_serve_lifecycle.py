@@ -19,9 +19,10 @@ from server.app import create_app
 from server.serve_cli import SHUTDOWN_TAIL_S, check_parity_recorded
 from server.settings import Settings
 from server.shutdown import DrainingServer
-from tests.conftest import free_port, server_settings
+from tests.conftest import server_settings
 from twin import artifact as art
 from twin.artifact import MANIFEST, read_manifest, update_artifact
+from twin.util import free_port
 
 from .helpers import TASK_PROMPTS, make_long, sse_events, wait_for
 
