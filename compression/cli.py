@@ -98,6 +98,13 @@ def check_base_supported(base: str) -> None:
     check_supported(config)
 
 
+def _method_list() -> str:
+    from .merging import MERGE_METHODS
+
+    names = list(MERGE_METHODS)
+    return ",\n              ".join(", ".join(names[i:i + 6]) for i in range(0, len(names), 6))
+
+
 def register(sub) -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build", help="recipe (YAML/JSON) -> artifact: merge, exclusive deltas, truncated SVD",
@@ -110,8 +117,7 @@ def register(sub) -> argparse.ArgumentParser:
                     "              (full fine-tune) or a PEFT LoRA adapter dir\n"
                     "  merge       {method, lambda, density, normalize, rescale, consensus, gamma, base_weight, "
                     "seed}\n"
-                    "              method: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,\n"
-                    "              breadcrumbs_ties, average (mergekit's semantics; default ties)\n"
+                    f"              method: {_method_list()} (mergekit's semantics; default ties)\n"
                     "  rank        {rank: 16} or {energy: 0.95, max_rank: 64}; include / exclude tensor globs\n"
                     "  compress    {budget: exclusive bytes as a fraction of the dense experts' bytes,\n"
                     "              factor_dtype: float32 | bfloat16 | float16 | int8 (default: dtype)}\n"

@@ -2,8 +2,8 @@
 
 ``twinserve build mergekit.yaml -o DIR`` then writes the backbone θ* mergekit would write (see
 compression/merging/) and each expert's exclusive δ_t = θ_t − θ* against it. Supported: the
-``models:`` form with merge_method linear, task_arithmetic, ties, dare_linear, dare_ties,
-breadcrumbs, breadcrumbs_ties; ``base_model``; ``models[].model`` (a path, or ``base+adapter``
+``models:`` form with every merge_method of the registry that mergekit has (linear, task_arithmetic,
+ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties); ``base_model``; ``models[].model`` (a path, or ``base+adapter``
 for a PEFT adapter of the base) with ``parameters.weight`` / ``density``; top-level ``parameters``
 (weight, density, lambda, normalize, rescale, int8_mask, gamma); ``dtype`` / ``out_dtype``;
 ``tokenizer_source`` base or a path. Anything else is refused with the key or method named.
@@ -15,9 +15,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .merging import MERGE_METHODS
 from .recipe import Recipe, RecipeError, format_validation_error
 
-METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"}
+METHODS = {name for name, m in MERGE_METHODS.items() if m.mergekit}
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 # mergekit parameter -> MergeSpec field (shared scope); weight and density may also be per model.
 SHARED = {"lambda": "lambda", "normalize": "normalize", "rescale": "rescale", "int8_mask": "int8_mask",

@@ -18,8 +18,9 @@ from pydantic import (
 
 from twin.errors import TwinserveError
 
-MergeName = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                    "average"]
+from .merging import MERGE_METHODS
+
+MergeName = Literal[tuple(MERGE_METHODS)]      # the registry's names (compression/merging)
 DType = Literal["float32", "bfloat16", "float16"]
 
 

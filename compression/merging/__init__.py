@@ -2,8 +2,10 @@
 
 Each method computes what mergekit 0.1.5's method of the same name computes (``linear``,
 ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``);
-``average`` is twinserve's name for the normalised linear merge. Every registry entry declares the
-options it takes and mergekit's defaults for them.
+``average`` is twinserve's name for the normalised linear merge. The registry is the one table of merge
+methods: each entry declares the options it takes, mergekit's defaults for them and whether a mergekit
+YAML may name it; the recipe's ``merge.method`` values, the mergekit reader and ``build --help`` are
+derived from it, so a new method is one function and one entry here.
 """
 from __future__ import annotations
 
@@ -32,12 +34,13 @@ class MergeMethod:
     defaults: dict = field(default_factory=dict)   # mergekit's per-method defaults (normalize, rescale)
     uses_base: bool = False                        # fn needs θ_0 itself (linear without normalize)
     sparsify: str | None = None                    # per-expert trim before the mix: magnitude, outliers, bernoulli
+    mergekit: bool = True                          # a merge_method of mergekit 0.1.5 (accepted in its YAML)
 
 
 _SPARSE = ("densities", "lam", "normalize", "rescale")
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(linear_merge, ("normalize", "base_weight"), {"normalize": True}, uses_base=True),
-    "average": MergeMethod(average_merge, ()),
+    "average": MergeMethod(average_merge, (), mergekit=False),
     "task_arithmetic": MergeMethod(task_arithmetic_merge, ("lam", "normalize"), {"normalize": False}),
     "ties": MergeMethod(ties_merge, (*_SPARSE, "consensus"), {"normalize": True, "rescale": False},
                         sparsify="magnitude"),
