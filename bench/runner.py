@@ -34,6 +34,7 @@ import torch
 
 from server.engine import Engine, Request, RoutingSpec
 from server.metrics import Metrics
+from server.modes import MODES as SERVING_MODES
 from server.sampling import SamplingParams
 from server.settings import Settings
 from twin.errors import TwinserveError
@@ -41,10 +42,12 @@ from twin.loading import LoadedArtifact, load_artifact
 from twin.model.memory import tensors_bytes
 from twin.util import percentile
 
-MODES = ("backbone", "lowrank", "lowrank_top2", "materialize", "expert")
-ENGINE_MODE = {"backbone": "backbone", "lowrank": "lowrank", "lowrank_top2": "lowrank",
-               "materialize": "materialize", "expert": "expert"}
-PER_REQUEST = ("materialize", "expert")   # the engine runs these at batch 1 whatever max_batch_size says
+# the server's serving modes, plus the bench's routing variants of them; the order is the reports' order
+VARIANTS = {"lowrank_top2": "lowrank"}
+ENGINE_MODE = {name: name for name in SERVING_MODES} | VARIANTS
+MODES = tuple(sorted(ENGINE_MODE, key=lambda m: list(SERVING_MODES).index(ENGINE_MODE[m])))
+PER_REQUEST = tuple(m for m in MODES if SERVING_MODES[ENGINE_MODE[m]].per_request)   # batch 1 whatever
+                                                                                     # max_batch_size says
 
 
 class BenchError(TwinserveError):

@@ -25,7 +25,8 @@ from twin.loading import LoadedArtifact
 
 from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
 from .metrics import Metrics
-from .runner import MODES, ModelRunner
+from .modes import MODES
+from .runner import ModelRunner
 from .sampling import SamplingParams, TokenLogprob, detokenize_step, find_stop, safe_prefix_len
 from .scheduler import Plan, QueueFullError, Scheduler
 from .settings import Settings

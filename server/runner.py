@@ -2,8 +2,8 @@
 
 It never sees HTTP or queues. A step turns the scheduler's `Plan` into one `FlatBatch` (decode tokens of
 running rows, then prefill chunks), runs one forward through the model (every weight read once), samples
-the rows that need a token and returns plain Python results. The serving modes are entries of one table
-(`MODES`): what weights a row carries and which model serves it.
+the rows that need a token and returns plain Python results. What weights a row carries and which model
+serves it is its serving mode (server/modes.py).
 """
 from __future__ import annotations
 
@@ -18,43 +18,9 @@ from router.model import Router
 from twin.loading import LoadedArtifact
 from twin.model.batch import FlatBatch
 
+from .modes import ServingMode
 from .sampling import TokenLogprob, make_generator, prompt_logprobs, sample_rows
 from .scheduler import Plan
-
-
-# ---- serving modes --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServingMode:
-    """How a mode serves a row: with per-row deltas on the shared model (batched), or a dense model per
-    request (batch 1). ``model_key`` names the dense model for a row's w (LRU-cached)."""
-    name: str
-    deltas: bool           # rows carry w into the shared model's Twin layers
-    routed: bool           # the router (or the request) decides w
-    per_request: bool      # one dense model per request, batch 1
-    description: str
-
-    def model_key(self, w: torch.Tensor | None):
-        if self.name == "expert":
-            return ("expert", int(w.argmax()) if w is not None and float(w.sum()) > 0 else -1)
-        return None if w is None else ("fused", tuple(round(float(x), 2) for x in w))
-
-    def build_model(self, art: LoadedArtifact, w: torch.Tensor | None):
-        key = self.model_key(w)
-        if key is None or (key[0] == "expert" and key[1] < 0):
-            return art.model
-        return art.expert_model(key[1]) if key[0] == "expert" else art.model.fused(w)   # exact w
-
-
-MODES: dict[str, ServingMode] = {m.name: m for m in (
-    ServingMode("lowrank", deltas=True, routed=True, per_request=False,
-                description="θ* + Σ w_t B_t A_t x per row in one batch (top-k rows take the grouped path in fp32)"),
-    ServingMode("backbone", deltas=False, routed=False, per_request=False,
-                description="θ* only: no router, no deltas"),
-    ServingMode("materialize", deltas=False, routed=True, per_request=True,
-                description="reference: θ* + Σ w_t δ̂_t fused into a dense model per request (LRU by w)"),
-    ServingMode("expert", deltas=False, routed=True, per_request=True,
-                description="upper bound: the dense checkpoint of the router's top expert"),
-)}
 
 
 @dataclass

@@ -71,10 +71,12 @@ def memory_plan(settings: Settings, manifest):
     from .memory import check_fits, plan
     device = pick_device(settings.device)
     dtype = str(pick_dtype(settings.dtype, device)).removeprefix("torch.")
-    per_request = settings.mode in ("materialize", "expert")
+    from .modes import MODES
+
+    mode = MODES[settings.mode]
     p = plan(manifest, config_from_manifest(manifest), settings.artifact, dtype,
-             1 if per_request else settings.max_batch_size, settings.max_model_len, settings.kv_cache_gib,
-             with_experts=settings.mode != "backbone")
+             1 if mode.per_request else settings.max_batch_size, settings.max_model_len, settings.kv_cache_gib,
+             with_experts=mode.routed)
     check_fits(p, device.type)
     return p
 

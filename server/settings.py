@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Mode = Literal["lowrank", "materialize", "backbone", "expert"]
+from .modes import Mode, modes_help
 
 
 class Settings(BaseSettings):
@@ -18,8 +18,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     model_name: str | None = Field(None, description="model id in the API (default: artifact dir name)")
-    mode: Mode = Field("lowrank", description="lowrank (batched activation-side deltas), materialize "
-                       "(fuse weights per request, batch 1), backbone (shared only), expert (dense experts, batch 1)")
+    mode: Mode = Field("lowrank", description=modes_help())
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX; the demo "
