@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from server.engine import Engine, Request, RoutingSpec
+from server.events import Failed
+from server.events import Finished as ServerFinished
 from server.metrics import Metrics
 from server.modes import MODES as SERVING_MODES
 from server.sampling import SamplingParams
@@ -269,10 +271,10 @@ async def _closed_loop(engine: Engine, prompts: list[Prompt], concurrency: int, 
                           events=asyncio.Queue(), loop=loop)
             engine.submit(req)
             while True:
-                kind, payload = await req.events.get()
-                if kind == "error":
-                    raise BenchError(f"request {i} ({p.task}) failed in {engine.mode.name} mode: {payload}")
-                if kind == "done":
+                event = await req.events.get()
+                if isinstance(event, Failed):
+                    raise BenchError(f"request {i} ({p.task}) failed in {engine.mode.name} mode: {event.error}")
+                if isinstance(event, ServerFinished):
                     # keep numbers, not the Request: it references the model it ran on, and in
                     # materialize mode that is a whole fused model per request
                     done[i] = Finished(req.arrival, req.first_token_at, list(req.generated), time.perf_counter())

@@ -7,8 +7,8 @@ Every tick runs in one worker thread, so the event loop stays free for HTTP:
   3. ``ModelRunner.step`` runs the whole plan as one forward (decode tokens and prefill chunks together)
      and samples the rows that need a token;
   4. the engine appends tokens, detokenises incrementally, applies stop sequences and emits events.
-Events a request receives, in order: ("routing", dict), ("prompt_logprobs", list) when it asked for
-them, ("text", (str, [TokenLogprob])) per emitted piece, then ("done", dict) or ("error", APIError).
+Events a request receives (server/events.py), in order: Routed, PromptLogprobs when it asked for them,
+TextDelta per emitted piece, then Finished or Failed.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from router.model import Router
 from twin.loading import LoadedArtifact
 
 from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
+from .events import Event, Failed, Finished, PromptLogprobs, Routed, TextDelta
 from .metrics import Metrics
 from .modes import MODES
 from .runner import ModelRunner
@@ -64,8 +65,8 @@ class Request:
     first_token_at: float | None = None
     admitted_at: float | None = None
 
-    def emit(self, kind: str, payload) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+    def emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
@@ -143,7 +144,7 @@ class Engine:
                 pass
         for req in self.scheduler.drain():
             self.runner.release(req)
-            req.emit("error", NotReady("server is shutting down"))
+            req.emit(Failed(NotReady("server is shutting down")))
         self._executor.shutdown(wait=True)
         self.runner.close()  # free the KV cache now, not when the last reference goes
 
@@ -180,7 +181,7 @@ class Engine:
                 log.exception("engine step failed")
                 for req in list(self.running):
                     self._release(req)
-                    req.emit("error", InternalError(f"engine error: {type(e).__name__}"))
+                    req.emit(Failed(InternalError(f"engine error: {type(e).__name__}")))
             self.metrics.set_running(len(self.running))
             self.metrics.queue_depth.set(len(self.waiting))
 
@@ -191,7 +192,7 @@ class Engine:
             self._finish(req, "cancelled")
         for req in plan.expired:
             if req in plan.queued_expired:
-                req.emit("error", RequestTimeout("request timed out while queued"))
+                req.emit(Failed(RequestTimeout("request timed out while queued")))
             else:
                 self._fail(req, RequestTimeout(f"request exceeded the {self.settings.request_timeout_s:g} s timeout"))
         if plan.admitted:
@@ -208,27 +209,27 @@ class Engine:
         self.metrics.step_tokens.labels(phase).inc(out.prefill_tokens + out.decode_tokens)
         self.metrics.prompt_tokens.inc(out.prefill_tokens)
         for req, records in out.prompt_logprobs:
-            req.emit("prompt_logprobs", records)
+            req.emit(PromptLogprobs(records))
         self._accept(out.sampled)
 
     def _route(self, plan: Plan) -> None:
         infos = self.runner.route(plan.admitted, self.settings.router_top_k, self.settings.router_temperature)
         routed = [r for r in plan.admitted if r.id in infos]
         for r in routed:
-            routing = infos[r.id]
-            if routing["source"] == "router":
-                self.metrics.router_latency.observe(routing["router_ms"] / 1000)
-            for n, x in routing["weights"].items():
+            d = infos[r.id]
+            if d.source == "router":
+                self.metrics.router_latency.observe(d.router_ms / 1000)
+            for n, x in d.weights.items():
                 if x:
                     self.metrics.expert_mass.labels(n).inc(x)
-            if routing["fallback"]:  # served by the fallback, not by the router's best guess
+            if d.fallback:  # served by the fallback, not by the router's best guess
                 self.metrics.fallbacks.inc()
                 self.metrics.record_route(None)
             else:
-                if routing["top_expert"]:
-                    self.metrics.expert_top1.labels(routing["top_expert"]).inc()
-                self.metrics.record_route(routing["top_expert"] or "(backbone)")
-            r.emit("routing", routing)
+                if d.top_expert:
+                    self.metrics.expert_top1.labels(d.top_expert).inc()
+                self.metrics.record_route(d.top_expert or "(backbone)")
+            r.emit(Routed(d))
 
     def _accept(self, sampled: list[tuple[Request, int, TokenLogprob | None]]) -> None:
         now = time.perf_counter()
@@ -272,7 +273,7 @@ class Engine:
         n = sum(1 for rec in r.logprobs if rec.offset is not None and rec.offset < upto)
         if upto == len(r.text):
             n = len(r.logprobs)
-        r.emit("text", (r.text[r.sent:upto], r.logprobs[:n]))
+        r.emit(TextDelta(r.text[r.sent:upto], r.logprobs[:n]))
         r.logprobs = r.logprobs[n:]
         r.sent = upto
 
@@ -300,10 +301,10 @@ class Engine:
         if n > 1 and req.first_token_at is not None:
             self.metrics.tpot.observe((now - req.first_token_at) / (n - 1))
         self.metrics.record_done(None if req.first_token_at is None else req.first_token_at - req.arrival, e2e)
-        req.emit("done", {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids), "completion_tokens": n})
+        req.emit(Finished(reason, len(req.prompt_ids), n))
 
     def _fail(self, req: Request, err: APIError) -> None:
         self._release(req)
         self.metrics.finished.labels(err.code or "error").inc()
-        req.emit("error", err)
+        req.emit(Failed(err))
 

@@ -390,6 +390,13 @@ class Routing(BaseModel):
     router_guess: str | None = Field(None, exclude_if=_drop_none,
                                      description="the router's top expert when its fallback served the request")
 
+    @classmethod
+    def of(cls, d) -> Routing:
+        """The API's shape of a `server.events.RoutingDecision`: weights to 6 decimals, entropy to 4, ms to 3."""
+        return cls(weights={n: round(x, 6) for n, x in d.weights.items()}, top_expert=d.top_expert,
+                   entropy=round(d.entropy, 4) + 0.0, fallback=d.fallback, router_ms=round(d.router_ms, 3),
+                   source=d.source, router_guess=d.router_guess)
+
 
 class TwinInfo(BaseModel):
     routing: Routing = Field(..., description="routing of the first prompt")

@@ -67,16 +67,25 @@ def _id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def _twin(routings: list[dict]) -> TwinInfo:
-    return TwinInfo(routing=Routing(**routings[0]),
-                    prompts=[Routing(**r) for r in routings] if len(routings) > 1 else None)
+def _gone(http: Request):
+    """A coroutine function that returns once the client has disconnected: it waits on the ASGI receive channel
+    (the body is read already, so the next message is http.disconnect), instead of polling for it."""
+    async def wait() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+    return wait
+
+
+def _twin(decisions: list) -> TwinInfo:
+    return TwinInfo(routing=Routing.of(decisions[0]),
+                    prompts=[Routing.of(d) for d in decisions] if len(decisions) > 1 else None)
 
 
 async def _stream(svc: Service, call: Call, http: Request, chat: bool, model: str,
                   include_usage: bool) -> Response:
     """Submit, wait for the first event (errors before it become HTTP errors), then stream SSE chunks."""
     svc.submit(call)
-    pieces = svc.pieces(call, http.is_disconnected)
+    pieces = svc.pieces(call, _gone(http))
     try:
         first = await pieces.__anext__()   # raises APIError (504, ...) before any byte is sent
     except StopAsyncIteration:  # the client left before admission
@@ -128,7 +137,7 @@ async def completions(body: CompletionRequest, http: Request, svc: ServiceDep):
     call = svc.completion_call(body, prompts)
     if body.stream:
         return await _stream(svc, call, http, False, body.model, body.include_usage)
-    results = await svc.collect(call, http.is_disconnected)
+    results = await svc.collect(call, _gone(http))
     return CompletionResponse(
         id=_id(False), created=int(time.time()), model=body.model,
         usage=Usage(**svc.usage(call, call.completion_tokens)),
@@ -145,7 +154,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, svc: Serv
     call = svc.chat_call(body, prompt)
     if body.stream:
         return await _stream(svc, call, http, True, body.model, body.include_usage)
-    results = await svc.collect(call, http.is_disconnected)
+    results = await svc.collect(call, _gone(http))
     return ChatCompletionResponse(
         id=_id(True), created=int(time.time()), model=body.model,
         usage=Usage(**svc.usage(call, call.completion_tokens)), twin=_twin([results[0].routing]),

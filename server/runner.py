@@ -18,6 +18,7 @@ from router.model import Router
 from twin.loading import LoadedArtifact
 from twin.model.batch import FlatBatch
 
+from .events import RoutingDecision
 from .modes import ServingMode
 from .sampling import TokenLogprob, make_generator, prompt_logprobs, sample_rows
 from .scheduler import Plan
@@ -76,8 +77,9 @@ class ModelRunner:
 
     # ---- routing --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def route(self, seqs: list, default_top_k: int | None, default_temperature: float | None) -> dict[int, dict]:
-        """Expert weights w for newly admitted sequences; returns seq.id -> routing info (plain data)."""
+    def route(self, seqs: list, default_top_k: int | None,
+              default_temperature: float | None) -> dict[int, RoutingDecision]:
+        """Expert weights w for newly admitted sequences; returns seq.id -> its routing decision."""
         need = [s for s in seqs if s.routing.weights is None and self.mode.routed and self.router is not None]
         info: dict[int, dict] = {}
         weights: dict[int, torch.Tensor | None] = {}
@@ -98,11 +100,9 @@ class ModelRunner:
                     weights[s.id] = out.weights[j].to(self.device)
                     guess, fallback = self.names[int(out.top[j])], bool(out.fallback[j])
                     # a fallback row is served by the fallback weights, not by the router's best guess
-                    info[s.id] = {"top_expert": None if fallback else guess, "entropy": round(float(out.entropy[j]), 4),
-                                  "fallback": fallback, "source": "router"}
-                    if fallback:
-                        info[s.id]["router_guess"] = guess
-            ms = round((time.perf_counter() - t0) * 1000 / len(need), 3)
+                    info[s.id] = {"top_expert": None if fallback else guess, "entropy": float(out.entropy[j]),
+                                  "fallback": fallback, "source": "router", "router_guess": guess if fallback else None}
+            ms = (time.perf_counter() - t0) * 1000 / len(need)
             for s in need:
                 info[s.id]["router_ms"] = ms
         for s in seqs:
@@ -122,10 +122,9 @@ class ModelRunner:
                     info[s.id] = {"top_expert": None, "entropy": entropy(w), "fallback": True, "router_ms": 0.0,
                                   "source": "uniform"}
             w = weights[s.id]
-            info[s.id]["weights"] = {n: round(x, 6) for n, x in
-                                     zip(self.names, w.tolist() if w is not None else [0.0] * len(self.names))}
+            info[s.id]["weights"] = dict(zip(self.names, w.tolist() if w is not None else [0.0] * len(self.names)))
             self.rows[s.id] = Row(w, make_generator(s.params, self.device), self._model_for(w))
-        return info
+        return {i: RoutingDecision(**d) for i, d in info.items()}
 
     def _model_for(self, w: torch.Tensor | None):
         if not self.mode.per_request:
@@ -188,4 +187,4 @@ class ModelRunner:
 
 def entropy(w: torch.Tensor) -> float:
     p = w.float() / w.float().sum().clamp_min(1e-12)
-    return round(float(-(p * p.clamp_min(1e-12).log()).sum()), 4) + 0.0  # no -0.0 in JSON
+    return float(-(p * p.clamp_min(1e-12).log()).sum()) + 0.0  # no -0.0 in JSON

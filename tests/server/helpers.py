@@ -32,9 +32,13 @@ async def running_engine(artifact, **overrides):
 
 
 async def _run(svc, call) -> dict:
+    """One choice's result, its routing as the API shows it."""
+    from server.protocol import Routing
+
     (r,) = await svc.collect(call)
     return {"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens, "routing": r.routing, "entries": r.entries}
+            "completion_tokens": r.completion_tokens, "routing": Routing.of(r.routing).model_dump(),
+            "entries": r.entries}
 
 
 async def complete(svc, prompt, model: str = "tiny", **fields) -> dict:

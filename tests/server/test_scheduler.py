@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from server.events import Finished
 from server.scheduler import QueueFullError, Scheduler
 
 
@@ -114,8 +115,9 @@ class FakeRunner:
         self.released.append(seq.id)
 
     def route(self, seqs, top_k, temperature):
-        return {s.id: {"top_expert": "a", "entropy": 0.0, "fallback": False, "router_ms": 0.0,
-                       "source": "request", "weights": {"a": 1.0}} for s in seqs}
+        from server.events import RoutingDecision
+        return {s.id: RoutingDecision(weights={"a": 1.0}, top_expert="a", entropy=0.0, fallback=False,
+                                      source="request") for s in seqs}
 
     def step(self, plan):
         self.plans.append(([s.id for s in plan.decode], [(c.seq.id, c.start, c.end) for c in plan.chunks]))
@@ -150,9 +152,9 @@ def test_engine_streams_tokens_from_the_runner_and_frees_slots(tmp_path):
         done = {}
         for r in reqs:
             while True:
-                kind, payload = await r.events.get()
-                if kind == "done":
-                    done[r.id] = payload
+                event = await r.events.get()
+                if isinstance(event, Finished):
+                    done[r.id] = event
                     break
         await engine.stop(0)
         return reqs, done, engine
@@ -163,7 +165,7 @@ def test_engine_streams_tokens_from_the_runner_and_frees_slots(tmp_path):
     assert runner.plans[0] == ([], [(long.id, 0, 16)])
     assert runner.plans[1] == ([], [(long.id, 16, 20), (short.id, 0, 2)])
     assert runner.plans[2] == ([long.id, short.id], [])
-    assert all(d["completion_tokens"] == 3 and d["finish_reason"] == "length" for d in done.values())
+    assert all(d.completion_tokens == 3 and d.finish_reason == "length" for d in done.values())
     assert sorted(runner.released) == sorted(r.id for r in reqs) and engine.free_slots == [0, 1]
 
 
