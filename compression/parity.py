@@ -36,6 +36,7 @@ PROMPTS = ("the quick brown fox jumps over the lazy dog. ",
            "reverse hello= 12, 34; then: SHIFT abc",
            "Q: what is 7 + 5? A:")
 DEFAULT_TOL = 1e-4
+LOGITS_BUDGET = 512 * 2**20   # bytes of fp32 logits one shared gate batch may hold (several weightings per batch)
 
 
 class ParityError(TwinserveError):
@@ -246,6 +247,7 @@ class StreamedServed:
                 m.deltas.A_cat, m.deltas.B_cat = torch.empty(0), torch.empty(0)
         for f in extra.pop(resident, ()):
             f(True)
+        self.names = names
         self.stream = WeightStream(hf, units, param_names, lambda n: self.backbone.get(n).float(), extra)
         self.stream.reload()
         self.blocks = decoder_blocks(hf, config.num_hidden_layers)
@@ -277,40 +279,60 @@ class StreamedServed:
         return load
 
     @torch.inference_mode()
-    def logits(self, seqs: list[list[int]], w: torch.Tensor | None, capture: list | None = None) -> list[torch.Tensor]:
-        """The engine's unified step, twice: a prefill step of every prompt but its last token (chunks), then a
-        decode step of the last tokens; logits at every position of every prompt."""
+    def logits(self, seqs: list[list[int]], ws: list[torch.Tensor | None],
+               capture: list | None = None) -> list[list[torch.Tensor]]:
+        """The engine's own steps over every prompt under every expert weighting in ``ws`` in one batch (rows of
+        different experts share each step): the prompt but its last two tokens as prefill chunks over two
+        steps, then those two tokens as two decode steps. Returns out[g][i]: logits (len_i, V) of prompt i
+        under ws[g]. ``capture`` (one weighting): each decoder block's output per prompt, (len_i, H)."""
         from twin.model import FlatBatch
 
         model = self.model
-        cache = model.new_cache(len(seqs), max(len(s) for s in seqs))
-        chunks = [(s[:-1], i, 0) for i, s in enumerate(seqs)]
-        decode = [(s[-1], len(s) - 1, i) for i, s in enumerate(seqs)]
-        out_pre, out_dec = [], []
-        cap_pre, cap_dec = ([], []) if capture is not None else (None, None)
-        ws = None if w is None else [w] * len(seqs)
-        for flat, out, cap in ((FlatBatch.build([], chunks, weights=ws, logits="all"), out_pre, cap_pre),
-                               (FlatBatch.build(decode, [], weights=ws), out_dec, cap_dec)):
+        rows = [(g, i) for g in range(len(ws)) for i in range(len(seqs))]
+        cache = model.new_cache(len(rows), max(len(s) for s in seqs))
+        plan = []                                      # per row: (prefill split a, prefill end p, length n)
+        for _, i in rows:
+            n = len(seqs[i])
+            p = n - min(2, n - 1)
+            plan.append((max(1, p // 2), p, n))
+        steps = [[(r, 0, a) for r, (a, _, _) in enumerate(plan)],                      # chunk 1
+                 [(r, a, p) for r, (a, p, _) in enumerate(plan) if p > a],             # chunk 2
+                 [(r, p, p + 1) for r, (_, p, n) in enumerate(plan) if n > p],         # decode 1
+                 [(r, p + 1, p + 2) for r, (_, p, n) in enumerate(plan) if n > p + 1]]  # decode 2
+        logits: list[list[torch.Tensor]] = [[] for _ in rows]
+        blocks: list[list[list[torch.Tensor]]] = []
+        for k, spans in enumerate(steps):
+            if not spans:
+                continue
+            seq = [seqs[rows[r][1]] for r, _, _ in spans]
+            weights = None if all(w is None for w in ws) else [
+                torch.zeros(len(self.names)) if ws[rows[r][0]] is None else ws[rows[r][0]] for r, _, _ in spans]
+            if k < 2:
+                flat = FlatBatch.build([], [(x[lo:hi], r, lo) for (r, lo, hi), x in zip(spans, seq)],
+                                       weights=weights, logits="all")
+            else:
+                flat = FlatBatch.build([(x[lo], lo, r) for (r, lo, _), x in zip(spans, seq)], [], weights=weights)
+            cap = [] if capture is not None else None
             handles = _capture_blocks(self.blocks, cap)
             try:
-                out.append(model.step(flat, cache).float())
+                out = model.step(flat, cache).float()
             finally:
                 for h in handles:
                     h.remove()
-        pre, dec = out_pre[0], out_dec[0]
-        res, at = [], 0
-        for i, s in enumerate(seqs):
-            res.append(torch.cat([pre[at:at + len(s) - 1], dec[i:i + 1]]))
-            at += len(s) - 1
-        if capture is not None:   # per block: (prompt-major tokens, H), in the reference's order
-            for bp, bd in zip(cap_pre, cap_dec):
-                bp, bd = bp[:, 0], bd[:, 0]
-                rows, at = [], 0
-                for i, s in enumerate(seqs):
-                    rows.append(torch.cat([bp[at:at + len(s) - 1], bd[i:i + 1]]))
-                    at += len(s) - 1
-                capture.append(rows)
-        return res
+            firsts = [first for first, _ in flat.chunk_logits] if k < 2 else list(range(len(spans)))
+            for (r, lo, hi), first in zip(spans, firsts):
+                logits[r].append(out[first:first + hi - lo])
+            if cap is not None:   # block outputs (M, 1, H) -> per row, in position order
+                starts = [st for st, _, _, _ in flat.segments] if k < 2 else list(range(len(spans)))
+                for b, h in enumerate(cap):
+                    if len(blocks) <= b:
+                        blocks.append([[] for _ in rows])
+                    for (r, lo, hi), st in zip(spans, starts):
+                        blocks[b][r].append(h[st:st + hi - lo, 0])
+        if capture is not None:
+            capture.extend([torch.cat(parts) for parts in per_block] for per_block in blocks)
+        out = [[torch.cat(logits[g * len(seqs) + i]) for i in range(len(seqs))] for g in range(len(ws))]
+        return out
 
 
 def prompt_ids(tokenizer, vocab_size: int, max_len: int) -> list[list[int]]:
@@ -370,25 +392,15 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
     def gate(err: float, what: str, w: torch.Tensor | None, load) -> None:
         if err > tol * scale:
             got, want = [], []
-            served.logits(seqs, w, capture=got)
+            served.logits(seqs, [w], capture=got)
             ref.logits(load, seqs, capture=want)
             where = first_differing_block(got, want, seqs, tol * scale)
             raise ParityError(f"parity gate: {what} served by twinserve differs from transformers with the same "
                               f"weights by {err:.3g} > {tol * scale:.3g} (max |Δlogit|; {tol:g} × logit scale "
                               f"{scale:.3g}); first difference at {where}")
 
-    step("backbone θ*")
-    ref_bb = ref.logits(theta_star, seqs)
-    scale = max(1.0, max(float(r.abs().max()) for r in ref_bb))   # logit scale: the gate is relative to it
-    bb_err = _max_diff(served.logits(seqs, None), ref_bb)
-    gate(bb_err, "the backbone θ*", None, theta_star)
-    results: list[ExpertParity] = []
-    for t, name in enumerate(names):
-        step(f"expert {name} ({t + 1}/{len(names)})")
-        w = torch.zeros(len(names))
-        w[t] = 1.0
-
-        def materialised(n: str, name=name) -> torch.Tensor:
+    def materialised_of(name: str):
+        def materialised(n: str) -> torch.Tensor:
             """θ* + δ̂_t for one tensor: the stored (dequantised) factors or dense delta, materialised."""
             x = theta_star(n)
             info = manifest.tensors.get(n)
@@ -405,21 +417,44 @@ def check_parity(path: str | Path, expert_reader, tol: float = DEFAULT_TOL, max_
             for lo in range(0, x2.shape[0], 8192):          # row blocks: no (d_out × d_in) temporary
                 x2[lo:lo + 8192].addmm_(B[lo:lo + 8192], A)
             return x
+        return materialised
 
-        got = served.logits(seqs, w)
-        mat = ref.logits(materialised, seqs)
-        impl = _max_diff(got, mat)
-        gate(impl, f"expert {name!r} (θ* + δ̂_t)", w, materialised)
-        theta_t = expert_reader(manifest, t)
-        want = ref.logits(lambda n, f=theta_t: f(n).float(), seqs)
-        agree = torch.cat([(s.argmax(-1) == r.argmax(-1)).float() for s, r in zip(got, want)]).mean()
-        ranks = [e.ranks.get(name, 0) for e in manifest.tensors.values() if e.kind == "lowrank"]
-        results.append(ExpertParity(name, _max_diff(got, want), float(agree), impl, _max_diff(mat, want),
-                                    max(ranks, default=0)))
+    # θ* (w = 0) and every expert pinned, as rows of shared steps: groups sized so their logits stay in budget
+    ws: list[torch.Tensor | None] = [None] + [torch.eye(len(names))[t] for t in range(len(names))]
+    per_w = sum(len(x) for x in seqs) * config.vocab_size * 4
+    group = max(2, LOGITS_BUDGET // max(1, per_w))
+    results: list[ExpertParity] = []
+    bb_err = scale = 0.0
+    for lo in range(0, len(ws), group):
+        members = list(range(lo, min(len(ws), lo + group)))
+        step(f"served step: {len(members)} weightings × {len(seqs)} prompts in one batch")
+        served_out = served.logits(seqs, [ws[g] for g in members])
+        for g, got in zip(members, served_out):
+            if g == 0:
+                step("backbone θ*")
+                ref_bb = ref.logits(theta_star, seqs)
+                scale = max(1.0, max(float(r.abs().max()) for r in ref_bb))   # the gate is relative to it
+                bb_err = _max_diff(got, ref_bb)
+                gate(bb_err, "the backbone θ*", None, theta_star)
+                continue
+            t, name = g - 1, names[g - 1]
+            step(f"expert {name} ({t + 1}/{len(names)})")
+            materialised = materialised_of(name)
+            mat = ref.logits(materialised, seqs)
+            impl = _max_diff(got, mat)
+            gate(impl, f"expert {name!r} (θ* + δ̂_t)", ws[g], materialised)
+            theta_t = expert_reader(manifest, t)
+            want = ref.logits(lambda n, f=theta_t: f(n).float(), seqs)
+            agree = torch.cat([(x.argmax(-1) == r.argmax(-1)).float() for x, r in zip(got, want)]).mean()
+            ranks = [e.ranks.get(name, 0) for e in manifest.tensors.values() if e.kind == "lowrank"]
+            results.append(ExpertParity(name, _max_diff(got, want), float(agree), impl, _max_diff(mat, want),
+                                        max(ranks, default=0)))
+        del served_out
     if console is not None:
         print_parity(results, bb_err, tol, scale, console)
     return {"tolerance": tol, "logit_scale": round(scale, 4), "prompts": len(seqs),
-            "served_path": "engine step: prefill chunks, then one decode step",
+            "served_path": "engine steps, θ* and the experts' rows in shared batches: two prefill chunk steps, "
+                           "then two decode steps",
             "backbone_max_abs_logit_diff": round(bb_err, 8),
             "experts": {r.expert: r.to_json() for r in results}}
 

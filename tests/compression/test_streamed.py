@@ -286,3 +286,36 @@ def test_the_gate_runs_before_the_artifact_is_published(synthetic_full, tmp_path
     assert "forced for the test" in capsys.readouterr().err
     assert verify_artifact(out).files == before and verify_artifact(out).skip_parity is True
     assert not list(tmp_path.glob(".art.*"))
+
+
+def test_gate_checks_chunked_prefill_and_mixed_rows(synthetic_full, tmp_path, monkeypatch):
+    """Faults the padded forward never had: a prefill chunk that starts mid-prompt attending without its
+    mask, and a batch whose rows of different experts get each other's weights. The gate runs the served
+    steps (two chunks, two decodes, θ* and every expert as rows of one batch) and refuses both."""
+    from twin.model import attention, batch
+
+    out = tmp_path / "art"
+    real_attend = attention._attend
+
+    def no_mask(query, keys, values, mask, scaling, softcap, sinks=None):
+        if mask is not None:   # only chunks after the first one of a prompt carry a mask
+            keys, values = keys[..., : query.shape[2], :], values[..., : query.shape[2], :]
+            mask = None
+        return real_attend(query, keys, values, mask, scaling, softcap, sinks)
+
+    with monkeypatch.context() as m:
+        m.setattr(attention, "_attend", no_mask)
+        assert main(["build", str(synthetic_full / "recipe.yaml"), "-o", str(out)]) == 2
+    assert not out.exists()
+
+    real_build = batch.FlatBatch.build.__func__
+
+    def swapped(cls, decode, chunks, device=None, bucket=False, weights=None, logits="last"):
+        if weights is not None and len(weights) > 1:
+            weights = weights[1:] + weights[:1]          # every row takes the next row's weights
+        return real_build(cls, decode, chunks, device, bucket, weights, logits)
+
+    with monkeypatch.context() as m:
+        m.setattr(batch.FlatBatch, "build", classmethod(swapped))
+        assert main(["build", str(synthetic_full / "recipe.yaml"), "-o", str(out)]) == 2
+    assert not out.exists()
