@@ -23,6 +23,13 @@ def read_expert_state(manifest, t: int):
     return read(manifest, t)
 
 
+def probe_artifact(manifest) -> None:
+    """`twinserve serve` of an artifact no parity gate certified: compression's probe of its model type
+    (injected into server/ as the expert reader is)."""
+    from compression.probe import probe_artifact as probe
+    probe(manifest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twinserve", description="Twin-Merging inference server: compress experts "
                                 "into a shared backbone + low-rank exclusive deltas, route per prompt, serve.")
@@ -38,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     from zoo.demo import register as register_demo
     for register in (register_zoo, register_build, register_eval, register_demo, register_router):
         register(sub)
-    register_serve(sub, expert_reader=read_expert_state)
+    register_serve(sub, expert_reader=read_expert_state, prober=probe_artifact)
     for register in (register_loadtest, register_bench):
         register(sub)
     return p

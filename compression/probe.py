@@ -229,3 +229,20 @@ def probe_kinds(config: PretrainedConfig, kinds: set[str] | None, recipe, workdi
         return report
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def probe_artifact(manifest) -> None:
+    """`twinserve serve`'s early refusal for an artifact no gate certified (built with --skip-parity, or outside
+    the CLI): the probe on the artifact's config, with experts that change the tensor kinds its deltas touch.
+    UnsupportedModelError names the type and the reason; a config no tiny model can be made of passes."""
+    from twin.loading import config_from_manifest
+
+    from .recipe import Recipe
+
+    config = config_from_manifest(manifest)
+    kinds = {_layer_pattern(n) for n in manifest.tensors} or None
+    try:
+        model = tiny_model(config)
+        probe_kinds(config, kinds, Recipe(base="unused", experts=[{"name": "a", "path": "unused"}]), model=model)
+    except ProbeSkipped:
+        return

@@ -16,8 +16,10 @@ SHUTDOWN_TAIL_S = 5   # after the drain: uvicorn's wait for the last responses t
 STOP_MARGIN_S = 10    # a supervisor's stop timeout must be at least drain_timeout_s + this (docs, deploy/)
 
 
-def cmd_serve(args, expert_reader: Callable | None = None) -> int:
-    """``expert_reader``: what create_app passes on to load_artifact for mode `expert` (see create_app)."""
+def cmd_serve(args, expert_reader: Callable | None = None, prober: Callable | None = None) -> int:
+    """``expert_reader``: what create_app passes on to load_artifact for mode `expert` (see create_app).
+    ``prober(manifest)``: the build's early refusal (a tiny model of the artifact's config through the served
+    step and transformers), run on an artifact no parity gate certified; raises naming the reason."""
     import uvicorn
     from pydantic import ValidationError
 
@@ -35,6 +37,8 @@ def cmd_serve(args, expert_reader: Callable | None = None) -> int:
     # fail fast with a clear message, before uvicorn starts; the checksums are computed here, once
     manifest = verify_artifact(settings.artifact) if settings.verify_artifact else read_manifest(settings.artifact)
     check_parity_recorded(settings, manifest)
+    if prober is not None and not manifest.parity and manifest.synthetic is None:
+        prober(manifest)                           # uncertified artifact: its type must pass the probe
     memory_plan(settings, manifest)                # and refuse settings that cannot fit, with the numbers
     app = create_app(settings, expert_reader=expert_reader, verified=settings.verify_artifact,
                      report_startup_error=False)
@@ -108,7 +112,7 @@ def str_list(value: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def register(sub, expert_reader: Callable | None = None) -> None:
+def register(sub, expert_reader: Callable | None = None, prober: Callable | None = None) -> None:
     """Add `serve` to ``sub``. ``expert_reader(manifest, t)`` -> expert t's full state (mode `expert`): the
     composition root (cli.main) passes compression's reader, as server/ imports only twin/ and router/."""
     lines = [f"  TWINSERVE_{name.upper():<22} {setting_help(name).replace('%%', '%')}"
@@ -141,4 +145,4 @@ def register(sub, expert_reader: Callable | None = None) -> None:
                    help=setting_help("verify_artifact"))
     p.add_argument("--require-parity", action=argparse.BooleanOptionalAction, default=None,
                    help=setting_help("require_parity"))
-    p.set_defaults(fn=functools.partial(cmd_serve, expert_reader=expert_reader))
+    p.set_defaults(fn=functools.partial(cmd_serve, expert_reader=expert_reader, prober=prober))

@@ -130,3 +130,37 @@ def test_fused_moe_experts_merge_per_checkpoint_tensor(tmp_path):
     pieces = {k: merge_tensor(k, raw.get(k), [LazyState(e).get(k) for e in experts], "ties", **p)
               for k in layout.fused[fused].pieces}
     assert torch.equal(backbone[fused], layout.fused[fused].assemble(pieces.__getitem__))
+
+
+def test_serve_probes_an_artifact_no_gate_certified(tmp_path, tiny_artifact, capsys, monkeypatch):
+    """`twinserve serve` of an artifact without a parity result runs the probe on its config: a type the served
+    step cannot serve (lfm2's short convolution) exits 2 naming it, before any weight is loaded; the tiny
+    Llama artifact passes the probe and goes on to load."""
+    from types import SimpleNamespace
+
+    from cli.main import main
+    from compression.probe import probe_artifact
+    from server import serve_cli
+
+    cfg = AutoConfig.for_model("lfm2", layer_types=["conv", "full_attention"] * 2, num_hidden_layers=4)
+    lfm2 = SimpleNamespace(config=cfg.to_dict(), tensors={"model.layers.0.conv.in_proj.weight": None})
+    with pytest.raises(UnsupportedModelError, match="'lfm2' is not served exactly.*decoder block 0"):
+        probe_artifact(lfm2)
+
+    import cli.main as root
+
+    class Planned(Exception):
+        pass
+
+    probed = []
+
+    def plan(settings, manifest):        # the step after the probe: stop there, nothing is loaded
+        probed.append("plan")
+        raise Planned
+
+    real = root.probe_artifact
+    monkeypatch.setattr(serve_cli, "memory_plan", plan)
+    monkeypatch.setattr(root, "probe_artifact", lambda m: probed.append(m.config["model_type"]) or real(m))
+    with pytest.raises(Planned):
+        main(["serve", str(tiny_artifact), "--no-require-parity"])
+    assert probed == ["llama", "plan"]   # probed (and passed) before the memory plan
