@@ -27,13 +27,13 @@ FactorDType = Literal["float32", "bfloat16", "float16", "int8"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")   # configs may hold inf (Mamba's time_step_limit)
 
 
 class _Open(BaseModel):
     """Sections whose keys come from a recipe or a report that other packages extend: known keys are
     typed, the rest are kept as they are."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
 
 
 class ExpertEntry(_Model):

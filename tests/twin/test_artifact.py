@@ -330,3 +330,17 @@ def test_a_file_the_manifest_does_not_list_is_refused(tiny_artifact, tmp_path):
     (art / "router.safetensors").write_bytes(b"not a router")
     with pytest.raises(ArtifactError, match="router.safetensors: not listed in manifest.json"):
         verify_artifact(art)
+
+
+def test_config_with_infinite_fields_round_trips_through_the_manifest(artifact_copy):
+    """Mamba-style configs hold inf (GraniteMoeHybrid's time_step_limit (0, inf)): the manifest keeps it (as
+    JSON's Infinity), its checksum still verifies, and the config loads back with the same value."""
+    from twin.loading import config_from_manifest
+
+    m = art.update_artifact(artifact_copy, {}, {"config": {**art.read_manifest(artifact_copy).config,
+                                                           "time_step_limit": [0.0, float("inf")]}})
+    assert m.config["time_step_limit"] == [0.0, float("inf")]
+    back = art.verify_artifact(artifact_copy)
+    assert back.config["time_step_limit"] == [0.0, float("inf")]
+    assert "Infinity" in (artifact_copy / "manifest.json").read_text()
+    assert config_from_manifest(back).time_step_limit == [0.0, float("inf")]
