@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from server.settings import Settings
 from twin.errors import TwinserveError
 from twin.loading import LoadedArtifact, load_artifact
 from twin.model.memory import tensors_bytes
-from twin.util import percentile
+from twin.util import available_memory, peak_rss_bytes, percentile, rss_bytes  # noqa: F401 (bench.cli)
 
 # the server's serving modes, plus the bench's routing variants of them; the order is the reports' order
 VARIANTS = {"lowrank_top2": "lowrank"}
@@ -140,8 +139,8 @@ def expert_sources_available(art: LoadedArtifact) -> tuple[bool, str]:
     if missing:
         return False, f"expert source checkpoint(s) not found: {', '.join(missing[:3])}"
     need = _model_bytes(art.model) * 4      # the engine keeps up to materialize_cache (4) dense models
-    avail = _mem_available()
-    if avail is not None and need > 0.5 * avail:
+    avail = available_memory()
+    if need > 0.5 * avail:
         return False, f"dense experts need ~{need / 2**30:.1f} GiB, only {avail / 2**30:.1f} GiB available"
     return True, ""
 
@@ -150,36 +149,7 @@ def _model_bytes(model) -> int:
     return sum(b.numel() * b.element_size() for b in model.buffers() if b is not None)
 
 
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 # ---- memory -----------------------------------------------------------------------------------------
-def rss_bytes() -> int:
-    """Current resident set size from /proc/self/statm (0 where there is no /proc)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM (process high-water mark; cannot be reset, so only meaningful for the whole run)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def engine_memory(engine: Engine) -> tuple[int, dict]:
     """Bytes of the distinct tensor storages the engine holds, and a breakdown by kind.
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from twin.util import free_port, percentile
+from twin.util import free_port, percentile, rss_bytes
 
 from .client import make_client, stream_completion
 from .report import write_json
@@ -37,11 +36,6 @@ MALFORMED = [
     ("too_long", lambda m: (json.dumps({"model": m, "prompt": "a" * 5000}).encode(), "application/json")),
     ("missing_prompt", lambda m: (json.dumps({"model": m}).encode(), "application/json")),
 ]
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def wait_ready(base: str, timeout: float = 120.0) -> None:

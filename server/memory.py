@@ -96,9 +96,9 @@ def check_fits(p: MemoryPlan, device: str) -> None:
     """StartupError when a CPU server's weights + factors + KV cache exceed the memory available now."""
     if device != "cpu":
         return
-    import psutil
+    from twin.util import available_memory
 
-    avail = psutil.virtual_memory().available
+    avail = available_memory()
     if p.total_bytes > avail:
         raise StartupError(f"not enough memory to serve: {p.summary()} = {p.total_bytes / GiB:.2f} GiB, "
                            f"{avail / GiB:.2f} GiB available; lower --kv-cache-gib or --max-batch-size, or serve "

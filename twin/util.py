@@ -1,5 +1,5 @@
 """Small helpers every package shares, each written once: the percentile definition, atomic file writes,
-a free local port and the dtype names."""
+a free local port, the dtype names and the process/machine memory readings."""
 from __future__ import annotations
 
 import math
@@ -49,3 +49,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def available_memory() -> int:
+    """Bytes the machine can give a new allocation now (psutil's ``available``)."""
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of process ``pid`` (this one by default); 0 where it cannot be read."""
+    import psutil
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark (VmHWM; it cannot be reset, so it covers the whole run)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
