@@ -129,6 +129,21 @@ def server_prepack_batch(batch_sizes: list[int]) -> int | None:
     return b if b >= 4 else None
 
 
+DENSE_CACHE = 4     # the engine's materialize_cache: dense models a per-request mode keeps
+
+
+def dense_models_fit(art: LoadedArtifact) -> tuple[bool, str]:
+    """Whether a per-request mode's dense models (the LRU of ``DENSE_CACHE``, plus one being built) fit in half
+    of the memory available now: at real shapes they do not (a 0.5B fp32 model with a 152k vocabulary is
+    2.5 GB; four of them beside the shared model and the peers ran a 24 GiB machine out of memory)."""
+    one = sum(art.model.memory_report().values())
+    need, avail = one * (DENSE_CACHE + 1), available_memory()
+    if need > 0.5 * avail:
+        return False, (f"{DENSE_CACHE + 1} dense models need ~{need / 2**30:.1f} GiB, only {avail / 2**30:.1f} GiB "
+                       "available")
+    return True, ""
+
+
 def expert_sources_available(art: LoadedArtifact) -> tuple[bool, str]:
     """Whether expert mode can run: every expert's source checkpoint and the base exist, and memory allows."""
     base = art.manifest.base
@@ -138,15 +153,7 @@ def expert_sources_available(art: LoadedArtifact) -> tuple[bool, str]:
     missing = [s for s in [base, *sources] if not Path(s).is_dir()]
     if missing:
         return False, f"expert source checkpoint(s) not found: {', '.join(missing[:3])}"
-    need = _model_bytes(art.model) * 4      # the engine keeps up to materialize_cache (4) dense models
-    avail = available_memory()
-    if need > 0.5 * avail:
-        return False, f"dense experts need ~{need / 2**30:.1f} GiB, only {avail / 2**30:.1f} GiB available"
-    return True, ""
-
-
-def _model_bytes(model) -> int:
-    return sum(b.numel() * b.element_size() for b in model.buffers() if b is not None)
+    return dense_models_fit(art)
 
 
 # ---- memory -----------------------------------------------------------------------------------------
@@ -211,7 +218,7 @@ def make_settings(mode: str, batch_size: int, max_model_len: int, artifact: str 
     return Settings(artifact=str(artifact), mode=ENGINE_MODE[mode], device=device, dtype=dtype,
                     max_batch_size=batch_size, max_model_len=max_model_len, max_queue=1024,
                     max_tokens_per_step=512, request_timeout_s=3600.0, drain_timeout_s=5.0,
-                    materialize_cache=4, router_top_k=None, router_temperature=None, verify_artifact=False)
+                    materialize_cache=DENSE_CACHE, router_top_k=None, router_temperature=None, verify_artifact=False)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -543,21 +550,21 @@ async def bench_artifact(path: str | Path, label: str, modes: tuple[str, ...], b
                 skipped.extend({"artifact": label, "mode": m, "reason": str(e)} for m in VLLM_PEER_MODES)
                 log(f"[yellow]{label} vLLM peer skipped: {e}[/]")
     for mode in [m for m in modes if m in PER_REQUEST]:
-        if mode == "expert":
-            ok, why = expert_sources_available(full)
-            if not ok:
-                skipped.append({"artifact": label, "mode": mode, "reason": why})
-                log(f"[yellow]{label} expert skipped: {why}[/]")
-                continue
+        ok, why = expert_sources_available(full) if mode == "expert" else dense_models_fit(full)
+        if not ok:
+            skipped.append({"artifact": label, "mode": mode, "reason": why})
+            log(f"[yellow]{label} {mode} skipped: {why}[/]")
+            continue
         await one(mode, 1)
     info = {"path": str(Path(path).resolve()), "workload": workload.describe(), "max_model_len": max_len,
             "router": None if router is None else {"feature_layer": router.config.feature_layer,
+                                                   "prefix_tokens": router.config.prefix_tokens,
                                                    "top_k": router.config.top_k,
                                                    "fallback": router.config.fallback},
             "experts": full.expert_names, "num_layers": full.model.args.num_layers,
             "hidden_size": full.model.args.hidden_size, "vocab_size": full.model.args.vocab_size,
             "prepack_batch": prepack, "linear_macs": full.model.linear_macs(), **info_extra}
-    if "lowrank" in modes and "materialize" in modes and equivalence_requests > 0:
+    if "lowrank" in modes and "materialize" in modes and equivalence_requests > 0 and dense_models_fit(full)[0]:
         info["equivalence"] = await pinned_equivalence(full, router, workload, max_tokens, max_len,
                                                        max(batch_sizes), equivalence_requests, label)
         identity["lowrank_pinned_vs_materialize"] = info["equivalence"]
