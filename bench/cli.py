@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import tempfile
@@ -73,7 +74,7 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
               serial_requests: int | None = None, min_seconds: float | None = None,
               console: Console | None = None, dtype: str = "float32", device: str = "cpu",
               vllm_python: str | Path | None = None, like: str | None = None, experts: int = 8,
-              rank: int = 16) -> dict:
+              rank: int = 16, router_prefix: int | None | str = "default") -> dict:
     """Run the benchmark and write the JSON report to ``out`` (atomically); return the report.
 
     ``device``: ``cpu`` or ``cuda`` — the engine, the transformers/PEFT peers and the roofline all run there
@@ -81,7 +82,8 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
     bad argument, e.g. ``--device cuda`` where torch sees no GPU. ``vllm_python``: vLLM's own interpreter; the
     synthetic artifact is then also served by vLLM-CPU out of process (bench.runner.run_vllm). ``like``: the
     synthetic artifact takes a real model's shape (zoo.shapes: qwen2.5-0.5b, llama-3-8b, …) with ``experts``
-    experts at ``rank``; the default is the small hidden-1024 × 8-layer spec.
+    experts at ``rank``; the default is the small hidden-1024 × 8-layer spec. ``router_prefix``: the prompt head
+    (tokens) the synthetic router pools, None for every token ("default": the spec's).
     """
     if console is None:
         console = Console(stderr=True)
@@ -118,6 +120,10 @@ def run_bench(artifact: str | Path | None, out: str | Path, synthetic: bool = Fa
         spec = SyntheticSpec.quick() if quick else SyntheticSpec.like(like, experts, rank) if like else SyntheticSpec()
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if router_prefix != "default":
+        if router_prefix is not None and (isinstance(router_prefix, bool) or int(router_prefix) < 1):
+            raise UsageError(f"--router-prefix: a positive number of tokens or all, got {router_prefix!r}")
+        spec = dataclasses.replace(spec, router_prefix_tokens=router_prefix)
     if like and not synthetic:
         raise UsageError("--like sets the synthetic artifact's shape: add --synthetic")
     label = None
@@ -246,8 +252,16 @@ def cmd_bench(args) -> int:
               max_tokens=args.max_tokens, modes=parse_modes(args.modes), tasks=args.tasks, quick=args.quick,
               threads=args.threads, synthetic_dir=args.synthetic_dir, serial_requests=args.serial_requests,
               min_seconds=args.min_seconds, dtype=args.dtype, device=args.device, vllm_python=args.vllm_python,
-              like=args.like, experts=args.experts, rank=args.rank)
+              like=args.like, experts=args.experts, rank=args.rank,
+              router_prefix="default" if args.router_prefix is None else
+              None if args.router_prefix == "all" else int(args.router_prefix))
     return 0
+
+
+def _router_prefix(v: str) -> str:
+    if v != "all" and not (v.isdigit() and int(v) >= 1):
+        raise argparse.ArgumentTypeError("must be a positive number of tokens or 'all'")
+    return v
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -271,6 +285,9 @@ def register(sub) -> argparse.ArgumentParser:
                         " (Llama layout, random weights; default: hidden 1024, 8 layers)")
     p.add_argument("--experts", type=int, default=8, help="with --like: experts in the synthetic artifact (default 8)")
     p.add_argument("--rank", type=int, default=16, help="with --like: factor rank per expert (default 16)")
+    p.add_argument("--router-prefix", type=_router_prefix, default=None, metavar="K|all",
+                   help="the prompt head (tokens) the synthetic artifact's router pools, or all (default 8: the "
+                        "shortest head train-router tries; the router pass runs at most K tokens per prompt)")
     p.add_argument("--requests", type=int, default=None, metavar="N", help="requests per run (default 64)")
     p.add_argument("--batch-sizes", default=None, metavar="B,...", help="engine max_batch_size values = "
                    "concurrency (default 1,8,16)")

@@ -179,15 +179,15 @@ def storage_bytes(art: LoadedArtifact) -> dict[str, int]:
 
 
 def router_report(art: LoadedArtifact, test: dict[str, list[dict]]) -> dict:
-    from router.evaluate import cost_fraction_of_prefill, unknown_prompt_report
-    from router.features import prompt_features
+    from router.evaluate import continuation_report, cost_fraction_of_prefill, unknown_prompt_report
+    from router.features import router_prompt_features
     from router.model import load_router
 
     router = load_router(art.path, art.manifest)
     train = art.manifest.router.train
     rows = [r for rs in test.values() for r in rs]
     names = art.expert_names
-    x = prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config.feature_layer)
+    x = router_prompt_features(art.model, art.tokenizer, [r["prompt"] for r in rows], router.config)
     routed = router.route(x)
     truth = torch.tensor([names.index(r["task"]) for r in rows])
     return {
@@ -195,10 +195,12 @@ def router_report(art: LoadedArtifact, test: dict[str, list[dict]]) -> dict:
         "test_top1_accuracy": round(float((routed.top == truth).float().mean()), 4),
         "test_fallback_rate": round(float(routed.fallback.float().mean()), 4),
         "feature_layer": router.config.feature_layer,
+        "prefix_tokens": router.config.prefix_tokens,
         "num_layers": art.model.args.num_layers,
         "cost_fraction_of_prefill": round(cost_fraction_of_prefill(art, router, [r["prompt"] for r in rows[:256]]), 4),
         "confusion": train["confusion"],
         "unknown_prompts": unknown_prompt_report(art, router),
+        "appended_continuations": continuation_report(art, router, rows),
     }
 
 
@@ -230,10 +232,15 @@ def print_quality_table(report: dict, names: list[str], console: Console) -> Non
     ratio = s["exclusive"] / s["dense_experts"] if s.get("dense_experts") else float("nan")
     r = report.get("router")
     if r:
+        k = r.get("prefix_tokens")
+        cont = r.get("appended_continuations", {})
         console.print(f"router: held-out top-1 {r['heldout_accuracy']:.3f} · test top-1 {r['test_top1_accuracy']:.3f} · "
-                      f"feature layer {r['feature_layer']}/{r['num_layers']} · cost {r['cost_fraction_of_prefill']:.3f} "
+                      f"feature layer {r['feature_layer']}/{r['num_layers']} · prompt head "
+                      f"{'all tokens' if k is None else f'{k} tokens'} · cost {r['cost_fraction_of_prefill']:.3f} "
                       f"of a prefill · fallback on unknown prompts {r['unknown_prompts']['fallback_rate']:.2f} "
-                      f"(test prompts {r['test_fallback_rate']:.3f})")
+                      f"(test prompts {r['test_fallback_rate']:.3f})"
+                      + (f" · routed as its context with a continuation appended {cont['same_routing_rate']:.3f}"
+                         if "same_routing_rate" in cont else ""))
     console.print(f"storage: backbone {s['backbone']:,} B · exclusive factors {s['exclusive']:,} B · "
                   f"dense experts {s['dense_experts']:,} B · exclusive/dense experts = {ratio:.3f}")
 

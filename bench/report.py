@@ -83,7 +83,7 @@ def compute_bounds(runs: list[dict], label: str, batch: int, macs: dict | None,
 
     - ``factor_macs_fraction`` δ = Σ R·(d_in + d_out) / Σ d_out·d_in per token (``HFTwinModel.linear_macs``,
       all T experts): soft routing over every expert adds δ of θ*'s matmul work to every token.
-    - ``<mode>_router_share``: seconds in the router pass (θ* blocks 0..L_r−1 over every prompt, then the
+    - ``<mode>_router_share``: seconds in the router pass (θ* blocks 0..L_r−1 over every prompt's head, then the
       MLP) over the mode's wall time; ``<mode>_vs_backbone_without_router``: the ratio with them taken out.
     - ``top2_router_bound`` = T_b / (T_b + router seconds of the top-2 run): top-2 with deltas that cost
       nothing still pays its router pass.
@@ -187,7 +187,7 @@ def print_phases(report: dict, console: Console) -> None:
         table.add_row(r["artifact"], r["mode"], str(r["batch_size"]), f"{r['seconds']:.3f}",
                       *(f"{ph.get(k, 0.0):.3f}" for k in ("router", "prefill", "decode", "mixed")), f"{rest:.3f}")
     console.print(table)
-    console.print("router = the router pass (θ* blocks 0..L_r−1 over each new prompt, then the MLP); prefill, "
+    console.print("router = the router pass (θ* blocks 0..L_r−1 over each new prompt's head, then the MLP); prefill, "
                   "decode, mixed = engine steps that carried prompt chunks only, decode tokens only, or both; "
                   "rest = scheduling, detokenising, the event loop, waiting for clients, and (materialize, expert) "
                   "building each request's dense model")

@@ -66,6 +66,9 @@ class SyntheticSpec:
     rank: int = 16
     router_layer: int = 2
     router_hidden: int = 256
+    # the prompt head the router pools (RouterConfig.prefix_tokens): the shortest head train-router tries,
+    # which it picks on the demo; None = every token (the format-1 router)
+    router_prefix_tokens: int | None = 8
     seed: int = 0
     norm_deltas: bool = False
     embed_head_deltas: bool = True
@@ -162,7 +165,7 @@ def random_token_prompts(tasks: list[str], vocab_size: int, n: int, seed: int, m
 
 def _random_router(spec: SyntheticSpec, backbone: dict[str, torch.Tensor], config) -> tuple[dict, dict]:
     """A random router MLP fitted just enough to give soft, prompt-dependent weights."""
-    from router.features import pooled_features
+    from router.features import router_features
     from router.model import RouterConfig, RouterMLP
     from twin.model import TwinModel
 
@@ -170,7 +173,11 @@ def _random_router(spec: SyntheticSpec, backbone: dict[str, torch.Tensor], confi
     mlp = RouterMLP(spec.hidden_size, spec.router_hidden, spec.num_experts)
     model = TwinModel(config, backbone).eval()
     ids = [p for _, p in random_prompts(spec, 64, seed=spec.seed + 99)]
-    x = pooled_features(model, ids, spec.router_layer, pad_id=0)
+    cfg = RouterConfig(experts=spec.expert_names, feature_dim=spec.hidden_size, feature_layer=spec.router_layer,
+                       hidden=spec.router_hidden, temperature=1.0, top_k=None, fallback="none",
+                       min_confidence=0.0, max_entropy=None, max_distance=None,
+                       prefix_tokens=spec.router_prefix_tokens, extra={"synthetic": True})
+    x = router_features(model, ids, cfg)
     with torch.no_grad():
         mlp.mean.copy_(x.mean(0))
         mlp.std.copy_(x.std(0).clamp_min(1e-6))
@@ -179,10 +186,6 @@ def _random_router(spec: SyntheticSpec, backbone: dict[str, torch.Tensor], confi
         last = mlp.net[-1]
         last.weight.mul_(scale)
         last.bias.mul_(scale)
-    cfg = RouterConfig(experts=spec.expert_names, feature_dim=spec.hidden_size, feature_layer=spec.router_layer,
-                       hidden=spec.router_hidden, temperature=1.0, top_k=None, fallback="none",
-                       min_confidence=0.0, max_entropy=None, max_distance=None,
-                       extra={"synthetic": True})
     state = {k: v.contiguous() for k, v in mlp.state_dict().items()}
     section = {"config": cfg.to_dict(), "train": {"synthetic": True, "note": "random MLP, not trained"}}
     return state, section

@@ -42,16 +42,21 @@ def cmd_demo(args) -> int:
 
 
 def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None) -> None:
-    """`make demo`: train the router from the zoo's router split unless the artifact already has one."""
+    """`make demo`: train the router from the zoo's router split unless the artifact already has one of the
+    current format (an older router is retrained: a format-1 router pools every prompt token)."""
+    from router.model import ROUTER_FORMAT
     from router.train import print_router_report, save_router, train_router
     from twin.artifact import ROUTER, verify_artifact
     from twin.loading import load_artifact
     from zoo.build import load_task_split
 
     console = console or Console(stderr=True)
-    if verify_artifact(artifact).router is not None:
+    section = verify_artifact(artifact).router
+    if section is not None and section.config.get("version", 1) == ROUTER_FORMAT:
         console.print(f"[green]router cache hit[/] {artifact / ROUTER}")
         return
+    if section is not None:
+        console.print(f"router format {section.config.get('version', 1)} → {ROUTER_FORMAT}: retraining {artifact / ROUTER}")
     art = load_artifact(artifact, device="cpu", dtype="float32", verify=False)
     rows = load_task_split(zoo, "router", art.expert_names)
     router, report = train_router(art, rows, console=console)

@@ -67,3 +67,21 @@ def test_budget_sweep_reports_the_curve(quality_setup, states_bytes):
     assert rows[0]["exclusive_bytes"] < rows[1]["exclusive_bytes"]
     # more bytes, more of each expert kept (random tiny experts: greedy text is fragile, so no exact 1.0)
     assert rows[0]["twin_oracle_normalized"] < rows[1]["twin_oracle_normalized"]
+
+
+def test_router_report_routes_appended_continuations_as_their_context(routed_artifact):
+    """`twinserve eval`'s router section: the prompt head it reads, and test prompts with every task's answer
+    appended (loglikelihood requests) routed exactly as the prompts alone."""
+    from bench.quality import router_report
+    from tests.conftest import router_rows
+    from twin.loading import load_artifact
+
+    art = load_artifact(routed_artifact, device="cpu", dtype="float32")
+    test: dict[str, list[dict]] = {}
+    for r in router_rows(6, seed=21):
+        test.setdefault(r["task"], []).append({**r, "target": r["prompt"].split(" ", 1)[1].upper()})
+    rep = router_report(art, test)
+    assert rep["prefix_tokens"] == 8 and rep["test_top1_accuracy"] == 1.0 and rep["test_fallback_rate"] == 0.0
+    cont = rep["appended_continuations"]
+    assert cont["continuations"] == 18 * 3 and cont["same_routing_rate"] == 1.0 and cont["fallback_rate"] == 0.0
+    assert 0.0 < rep["cost_fraction_of_prefill"] < 1.0
