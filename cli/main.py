@@ -30,6 +30,19 @@ def probe_artifact(manifest) -> None:
     probe(manifest)
 
 
+def evaluate_demo(artifact, again: bool, console) -> None:
+    """`twinserve demo`'s last step: bench's quality eval routed by the artifact's router (``again``), or the table
+    report.json already holds (zoo/ builds the demo, bench/ evaluates it; neither imports the other's way up)."""
+    from bench.quality import evaluate, print_quality_table
+    from router.evaluate import router_weight_fn
+    from twin.artifact import read_report, verify_artifact
+
+    if again:
+        evaluate(artifact, console=console, router_weights=router_weight_fn)
+    else:
+        print_quality_table(read_report(artifact), verify_artifact(artifact).expert_names, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twinserve", description="Twin-Merging inference server: compress experts "
                                 "into a shared backbone + low-rank exclusive deltas, route per prompt, serve.")
@@ -43,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.serve_cli import register as register_serve
     from zoo.cli import register as register_zoo
     from zoo.demo import register as register_demo
-    for register in (register_zoo, register_build, register_eval, register_demo, register_router):
+    for register in (register_zoo, register_build, register_eval, register_router):
         register(sub)
+    register_demo(sub, evaluate=evaluate_demo)
     register_serve(sub, expert_reader=read_expert_state, prober=probe_artifact)
     for register in (register_loadtest, register_bench):
         register(sub)

@@ -16,13 +16,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from twin.errors import TwinserveError
+
 FALLBACKS = ("backbone", "uniform", "none")
 # The router's saved format (the manifest's router config). 1: features pooled over every prompt token (no
 # ``prefix_tokens``); 2: pooled over the first ``prefix_tokens`` tokens (None = every token, as 1).
 ROUTER_FORMAT = 2
 
 
-class RouterFormatError(ValueError):
+class RouterFormatError(TwinserveError, ValueError):
     """A router config this version cannot read (a newer format); names the versions."""
 
 

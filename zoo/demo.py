@@ -1,8 +1,11 @@
 """`twinserve demo` (`make demo`): zoo (cached) -> artifact (cached, parity-gated) -> router -> eval.
-Registered into the `twinserve` command line (cli.main) through ``register(sub)``."""
+Registered into the `twinserve` command line (cli.main) through ``register(sub, evaluate=...)``: the eval
+step is bench's (`twinserve eval`), which the composition root passes in, so zoo/ never imports bench/."""
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -10,8 +13,9 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
-def cmd_demo(args) -> int:
-    """zoo (cached) -> artifact (cached, parity-gated) -> router -> eval."""
+def cmd_demo(args, evaluate: Callable[[Path, bool, Console], None]) -> int:
+    """zoo (cached) -> artifact (cached, parity-gated) -> router -> eval. ``evaluate(artifact, again, console)``
+    runs the quality eval (``again``: even when report.json already has one) or prints the stored table."""
     from compression.cli import build_with_parity
     from compression.recipe import load_recipe
     from twin.artifact import ArtifactError, read_report, verify_artifact
@@ -30,14 +34,7 @@ def cmd_demo(args) -> int:
     else:
         build_with_parity(recipe, out, zoo_fingerprint=info["fingerprint"])
     ensure_demo_router(out, Path(args.zoo), console=console)
-    report = read_report(out)
-    if "quality" not in report or args.reeval:
-        from bench.quality import evaluate
-        from router.evaluate import router_weight_fn
-        evaluate(out, console=console, router_weights=router_weight_fn)
-    else:
-        from bench.quality import print_quality_table
-        print_quality_table(report, verify_artifact(out).expert_names, console)
+    evaluate(out, "quality" not in read_report(out) or args.reeval, console)
     return 0
 
 
@@ -64,11 +61,11 @@ def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None
     print_router_report(report, art.expert_names, console)
 
 
-def register(sub) -> argparse.ArgumentParser:
+def register(sub, evaluate: Callable[[Path, bool, Console], None]) -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build (or reuse) the demo zoo and artifact, train the router, evaluate")
     d.add_argument("--zoo", default="artifacts/zoo", help="zoo directory (default artifacts/zoo)")
     d.add_argument("-o", "--output", default="artifacts/demo", help="artifact directory (default artifacts/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--reeval", action="store_true", help="re-run the evaluation even if report.json has one")
-    d.set_defaults(fn=cmd_demo)
+    d.set_defaults(fn=functools.partial(cmd_demo, evaluate=evaluate))
     return d
