@@ -251,12 +251,12 @@ def matmul_peak(weights: list[torch.Tensor], m: int, passes: int = 5, min_second
 
 
 @torch.inference_mode()
-def backbone_decode_step_seconds(model, prompts: list[list[int]], steps: int = 16, pad_id: int = 0) -> float:
+def backbone_decode_step_seconds(model, prompts: list[list[int]], steps: int = 16) -> float:
     """Median seconds of one decode step (one new token per row + greedy argmax) of a served model, through
     the engine's own path: ``model.step`` on a flat batch of decode tokens (``twin.model.FlatBatch``).
 
     ``model`` is a twin.model backbone (no deltas); the rows are ``prompts`` prefilled together as the
-    chunks of one flat step, then ``steps`` decode steps are timed one by one. ``pad_id`` is unused.
+    chunks of one flat step, then ``steps`` decode steps are timed one by one.
     """
     from twin.model.batch import FlatBatch
 

@@ -53,26 +53,25 @@ def prefix_pooled_features(model: TwinModel, token_ids: list[list[int]], layer: 
     return {k: v.to(device) for k, v in out.items()}
 
 
-def pooled_features(model: TwinModel, token_ids: list[list[int]], layer: int, pad_id: int = 0,
-                    batch_size: int = 256, max_tokens: int | None = None) -> torch.Tensor:
+def pooled_features(model: TwinModel, token_ids: list[list[int]], layer: int, batch_size: int = 256,
+                    max_tokens: int | None = None) -> torch.Tensor:
     """token_ids: N prompts (with <bos>) -> (N, H) fp32 features, the mean over the first ``max_tokens`` of
     each prompt's own tokens (all of them when None).
 
     Prompts go through θ* as the prefill chunks of one flat batch (bucketed to a few token counts), so
-    no prompt is padded to the longest one, and only their heads are run. ``pad_id`` is unused (kept for
-    callers).
+    no prompt is padded to the longest one (there is no pad token), and only their heads are run.
     """
     return prefix_pooled_features(model, head(token_ids, max_tokens), layer, [None], batch_size)[None]
 
 
 def prompt_features(model: TwinModel, tokenizer, prompts: list[str], layer: int, batch_size: int = 256,
                     max_tokens: int | None = None) -> torch.Tensor:
-    return pooled_features(model, encode_prompts(tokenizer, prompts), layer, 0, batch_size, max_tokens)
+    return pooled_features(model, encode_prompts(tokenizer, prompts), layer, batch_size, max_tokens)
 
 
 def router_features(model: TwinModel, token_ids: list[list[int]], config, batch_size: int = 256) -> torch.Tensor:
     """The features a router with ``config`` (router.model.RouterConfig) reads: its layer, its prefix."""
-    return pooled_features(model, token_ids, config.feature_layer, 0, batch_size, config.prefix_tokens)
+    return pooled_features(model, token_ids, config.feature_layer, batch_size, config.prefix_tokens)
 
 
 def router_prompt_features(model: TwinModel, tokenizer, prompts: list[str], config) -> torch.Tensor:
