@@ -395,3 +395,26 @@ def test_served_loglikelihood_prompt_routes_as_its_context(routed_artifact):
         routes = r.json()["twin"]["prompts"]
         assert [x["top_expert"] for x in routes] == ["math"] * 3 and not any(x["fallback"] for x in routes)
         assert all(x["weights"] == routes[0]["weights"] for x in routes)
+
+
+def test_demo_retrains_a_format_1_router_and_keeps_a_current_one(routed_copy, tmp_path):
+    """`make demo` on an artifact from before the head: its every-token router is retrained, once."""
+    from rich.console import Console
+
+    from twin.artifact import update_artifact
+    from zoo.demo import ensure_demo_router
+
+    section = read_manifest(routed_copy).router.model_dump()
+    section["config"] = {k: v for k, v in section["config"].items() if k not in ("version", "prefix_tokens")}
+    update_artifact(routed_copy, {}, {"router": section})
+    assert load_router(routed_copy, verify_artifact(routed_copy)).config.version == 1
+    zoo = tmp_path / "zoo"
+    for task in EXPERT_NAMES:
+        (zoo / "tasks" / task).mkdir(parents=True)
+        write_router_jsonl(zoo / "tasks" / task / "router.jsonl", router_rows(12, seed=2, tasks=[task]))
+    ensure_demo_router(routed_copy, zoo, console=Console(quiet=True))
+    config = verify_artifact(routed_copy).router.config
+    assert config["version"] == ROUTER_FORMAT and config["prefix_tokens"] == 8
+    before = (routed_copy / "manifest.json").read_text()
+    ensure_demo_router(routed_copy, zoo, console=Console(quiet=True))          # current: a cache hit
+    assert (routed_copy / "manifest.json").read_text() == before
