@@ -418,3 +418,15 @@ def test_demo_retrains_a_format_1_router_and_keeps_a_current_one(routed_copy, tm
     before = (routed_copy / "manifest.json").read_text()
     ensure_demo_router(routed_copy, zoo, console=Console(quiet=True))          # current: a cache hit
     assert (routed_copy / "manifest.json").read_text() == before
+
+
+def test_a_head_shared_by_every_task_makes_the_search_read_further(art):
+    """Prompts that all start alike (a system line, a chat template) cannot be told apart by their first 8
+    tokens: the search keeps the shortest head that separates them."""
+    rows = [{**r, "prompt": "please answer: " + r["prompt"]} for r in router_rows(12, seed=7)]
+    router, report = train_router(art, rows, layer=1, hidden=16, epochs=80)
+    assert report["search"]["1/8"] < 0.5                      # "<bos>please " is the same for every task
+    k = router.config.prefix_tokens
+    assert k > 8 and report["search"][f"1/{k}"] >= 0.95 and report["heldout_accuracy"] >= 0.95
+    shorter = [a for h, a in report["search"].items() if h.split("/")[1] != "all" and int(h.split("/")[1]) < k]
+    assert shorter and all(a < report["heldout_accuracy"] - 0.005 for a in shorter)   # each too inaccurate
