@@ -201,8 +201,9 @@ def print_phases(report: dict, console: Console) -> None:
         parts = [f"factor MACs = {b['factor_macs_fraction']:.1%} of θ*'s"]
         for mode in ("lowrank", "lowrank_top2"):
             if f"{mode}_router_share" in b:
-                parts.append(f"{mode}: router pass {b[f'{mode}_router_share']:.1%} of its time, "
-                             f"{b[f'{mode}_vs_backbone_without_router']:.3f} of the backbone without it")
+                without = b.get(f"{mode}_vs_backbone_without_router")     # absent when no backbone ran
+                parts.append(f"{mode}: router pass {b[f'{mode}_router_share']:.1%} of its time"
+                             + (f", {without:.3f} of the backbone without it" if without is not None else ""))
         if "soft_bound" in b:
             parts.append(f"soft ≤ {b['soft_bound']:.3f} (its router pass + the factors' decode work at the "
                          "matmul peak)")

@@ -229,3 +229,23 @@ def test_like_builds_the_synthetic_artifact_at_a_named_shape(tmp_path):
         shape["hidden_size"], shape["num_hidden_layers"], shape["num_key_value_heads"], shape["vocab_size"])
     assert spec["num_experts"] == 3 and spec["rank"] == 2
     assert json.loads(out.read_text())["config"]["synthetic"] == spec
+
+
+def test_router_prefix_sets_the_synthetic_routers_head(tmp_path):
+    """--router-prefix K|all: the synthetic router reads the prompt's first K tokens (default 8, the shortest
+    head train-router tries) or every token; the router section says which, and the bench reports it."""
+    from router.model import load_router
+    from twin.artifact import verify_artifact
+
+    kw = {"synthetic": True, "quick": True, "requests": 3, "batch_sizes": [2], "max_tokens": 2,
+          "modes": ("lowrank",), "threads": 1, "min_seconds": 0}      # no backbone run: the share alone
+    for prefix, want in (("default", 8), (None, None), (3, 3)):
+        d = tmp_path / f"synth-{want}"
+        report = run_bench(None, tmp_path / f"b-{want}.json", synthetic_dir=d, router_prefix=prefix, **kw)
+        assert report["config"]["synthetic"]["router_prefix_tokens"] == want
+        assert load_router(d, verify_artifact(d)).config.prefix_tokens == want
+        assert 0.0 < report["bounds"]["lowrank_router_share"] < 1.0
+    with pytest.raises(UsageError, match="--router-prefix"):
+        run_bench(None, tmp_path / "bad.json", router_prefix=0, **kw)
+    with pytest.raises(SystemExit):
+        main(["bench", "--synthetic", "--quick", "--out", str(tmp_path / "x.json"), "--router-prefix", "0"])
