@@ -44,6 +44,9 @@ def sweep(types: list[str]) -> dict[str, dict]:
             cfg = AutoConfig.for_model(t, **OVERRIDES.get(t, {}))
             check_supported(cfg)
             model = tiny_model(cfg)
+        except UnsupportedModelError as e:   # refused from the config alone (a layer with state outside attention)
+            out[t] = {"full": "refused", "lora": "refused", "why": str(e).split(": ", 1)[-1][:200]}
+            continue
         except ProbeSkipped as e:
             out[t] = {"full": "not probed", "lora": "not probed", "why": str(e)[:160]}
             continue

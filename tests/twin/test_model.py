@@ -180,3 +180,17 @@ def test_batched_lowrank_equals_transformers_with_materialised_weights(tiny_arti
     with torch.inference_mode():
         ref = hf(torch.tensor([p])).logits[0]
     assert max_diff(batched[row], ref) <= TOL
+
+
+@pytest.mark.parametrize("model_type,overrides,layer", [
+    ("lfm2", {"layer_types": ["conv", "full_attention"] * 2, "num_hidden_layers": 4}, "Lfm2ShortConv"),
+    ("recurrent_gemma", {}, "RecurrentGemmaRecurrentBlock"),
+    ("zamba", {}, "ZambaMambaDecoderLayer")])
+def test_layers_with_state_outside_attention_are_refused_from_the_config(model_type, overrides, layer):
+    """Short convolutions, Mamba mixers and recurrent blocks keep a per-sequence state the step does not carry:
+    refused by check_supported (the build's first check, seconds) naming the block and the class."""
+    from transformers import AutoConfig
+
+    with pytest.raises(UnsupportedModelError, match=f"{model_type!r} cannot be served exactly: decoder block 0: {layer}"):
+        check_supported(AutoConfig.for_model(model_type, **overrides))
+    check_supported(AutoConfig.for_model("qwen3_moe"))     # attention-only MoE: accepted
