@@ -89,7 +89,7 @@ def test_artifact_layout_and_manifest(tiny_artifact, tiny_base_dir, states):
     manifest = verify_artifact(tiny_artifact)
     for rel in ("manifest.json", BACKBONE, EXCLUSIVE, REPORT, "tokenizer/tokenizer.json"):
         assert (tiny_artifact / rel).is_file(), rel
-    assert manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.format_version == FORMAT_VERSION == 3
     assert manifest.architecture == "LlamaForCausalLM"
     assert manifest.config["hidden_size"] == 32 and manifest.config["num_key_value_heads"] == 2
     assert manifest.expert_names == EXPERT_NAMES
