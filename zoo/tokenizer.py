@@ -19,6 +19,8 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>")
     fast.add_bos_token = True
+    # the template emits <bos> itself, as Llama's and Gemma's do: a chat prompt is then tokenised exactly as the
+    # same text sent as a completion (the server adds no special tokens to a rendered template)
     fast.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}")
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}")
     return fast

@@ -51,3 +51,16 @@ def test_toy_zoo_builds_and_caches(tmp_path):
     assert again == json.loads((out / "zoo.json").read_text())
     assert (out / "zoo.json").stat().st_mtime == mtime
     assert not zoo_is_valid(out, ZooSettings(seed=4, tasks=TOY.tasks, model=TOY.model))
+
+
+def test_demo_chat_template_tokenises_as_the_completion_prompt():
+    """The demo's chat template emits <bos> itself (the server adds no special tokens to a rendered template), so a
+    one-message chat is exactly the completion prompt: one <bos>, then the text, as the experts were trained."""
+    from zoo.tokenizer import make_char_tokenizer
+
+    tok = make_char_tokenizer()
+    for text in ("upper twin=", "reverse hello="):
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        chat = tok.encode(rendered, add_special_tokens=False)
+        assert chat == tok.encode(text) and chat.count(tok.bos_token_id) == 1 and chat[0] == tok.bos_token_id
