@@ -1,4 +1,5 @@
-"""A mergekit YAML (mergekit 0.1.5 ``MergeConfiguration``) -> twinserve Recipe.
+"""A mergekit YAML (mergekit 0.1.5 ``MergeConfiguration``) -> a twinserve recipe's fields (compression.recipe
+validates them: ``load_recipe`` reads either kind of file).
 
 ``twinserve build mergekit.yaml -o DIR`` then writes the backbone θ* mergekit would write (see
 compression/merging/) and each expert's exclusive δ_t = θ_t − θ* against it. Supported: the
@@ -13,10 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import ValidationError
-
+from .errors import RecipeError
 from .merging import MERGE_METHODS
-from .recipe import Recipe, RecipeError, format_validation_error
 
 METHODS = {name for name, m in MERGE_METHODS.items() if m.mergekit}
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
@@ -43,9 +42,10 @@ def _expert_name(model: str, taken: set[str]) -> str:
     return name
 
 
-def recipe_from_mergekit(data: dict, path: str | Path) -> Recipe:
-    """The Recipe equivalent of a parsed mergekit config read from ``path`` (relative model paths resolve
-    against its folder). Raises RecipeError naming the offending key, method or model."""
+def recipe_data_from_mergekit(data: dict, path: str | Path) -> dict:
+    """A recipe's fields (the dict `Recipe` validates) equivalent to a parsed mergekit config read from ``path``
+    (relative model paths resolve against its folder when the recipe is resolved). Raises RecipeError naming the
+    offending key, method or model."""
     path = Path(path)
     where = f"mergekit config {path}"
     extra = sorted(set(data) - TOP_KEYS)
@@ -116,9 +116,5 @@ def recipe_from_mergekit(data: dict, path: str | Path) -> Recipe:
     tok = data.get("tokenizer_source")
     if tok == "union" or (tok is not None and not isinstance(tok, str)):
         raise RecipeError(f"{where}: tokenizer_source: {tok!r} is not supported (use base or a path)")
-    recipe = {"base": base if base is not None else experts[0]["path"], "experts": experts, "merge": merge,
-              "dtype": DTYPES[dtype], "tokenizer": None if tok in (None, "base") else tok}
-    try:
-        return Recipe.model_validate(recipe).resolve(path.parent)
-    except ValidationError as e:
-        raise RecipeError(f"invalid {where}: {format_validation_error(e)}") from None
+    return {"base": base if base is not None else experts[0]["path"], "experts": experts, "merge": merge,
+            "dtype": DTYPES[dtype], "tokenizer": None if tok in (None, "base") else tok}

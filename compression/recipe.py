@@ -16,16 +16,12 @@ from pydantic import (
     model_validator,
 )
 
-from twin.errors import TwinserveError
-
+from .errors import RecipeError
+from .mergekit import recipe_data_from_mergekit
 from .merging import MERGE_METHODS
 
 MergeName = Literal[tuple(MERGE_METHODS)]      # the registry's names (compression/merging)
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-class RecipeError(TwinserveError):
-    """A recipe file that cannot be read or does not validate; the message names the field."""
 
 
 class _Strict(BaseModel):
@@ -185,14 +181,13 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"cannot parse recipe {path}: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: top level must be a mapping")
-    if "merge_method" in data:
-        from .mergekit import recipe_from_mergekit
-
-        return recipe_from_mergekit(data, path)
+    where = f"recipe {path}"
+    if "merge_method" in data:        # a mergekit config: translated into a recipe's fields first
+        data, where = recipe_data_from_mergekit(data, path), f"mergekit config {path}"
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"invalid recipe {path}: {format_validation_error(e)}") from None
+        raise RecipeError(f"invalid {where}: {format_validation_error(e)}") from None
     return recipe.resolve(path.parent)
 
 

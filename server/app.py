@@ -48,7 +48,7 @@ def load_state(app: FastAPI, settings: Settings, expert_reader: Callable | None 
         torch.set_num_threads(settings.threads)
     from twin.artifact import check_json_files, read_manifest
 
-    from .serve_cli import memory_plan
+    from .memory import memory_plan
     t0 = time.perf_counter()
     plan = memory_plan(settings, read_manifest(settings.artifact))
     check_json_files(settings.artifact)   # a damaged tokenizer.json named, not a bare parser error

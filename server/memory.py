@@ -103,3 +103,20 @@ def check_fits(p: MemoryPlan, device: str) -> None:
         raise StartupError(f"not enough memory to serve: {p.summary()} = {p.total_bytes / GiB:.2f} GiB, "
                            f"{avail / GiB:.2f} GiB available; lower --kv-cache-gib or --max-batch-size, or serve "
                            "--mode backbone (no factors)")
+
+
+def memory_plan(settings, manifest) -> MemoryPlan:
+    """The startup plan for ``settings`` (server.settings.Settings) and an artifact's manifest: slots from the
+    serving mode, dtype and device as the server will pick them; StartupError when it cannot fit this machine."""
+    from twin.loading import config_from_manifest, pick_device, pick_dtype
+
+    from .modes import MODES
+
+    device = pick_device(settings.device)
+    dtype = str(pick_dtype(settings.dtype, device)).removeprefix("torch.")
+    mode = MODES[settings.mode]
+    p = plan(manifest, config_from_manifest(manifest), settings.artifact, dtype,
+             1 if mode.per_request else settings.max_batch_size, settings.max_model_len, settings.kv_cache_gib,
+             with_experts=mode.routed)
+    check_fits(p, device.type)
+    return p

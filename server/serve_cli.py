@@ -9,7 +9,7 @@ from typing import get_args
 
 from twin.errors import UsageError
 
-from .memory import StartupError
+from .memory import StartupError, memory_plan
 from .settings import Mode, Settings
 
 SHUTDOWN_TAIL_S = 5   # after the drain: uvicorn's wait for the last responses to flush (timeout_graceful_shutdown)
@@ -66,23 +66,6 @@ def check_parity_recorded(settings: Settings, manifest) -> None:
                        "not run with --skip-parity: the parity gate never ran or never finished); rebuild with "
                        "`twinserve build`, or serve it unchecked with --no-require-parity / "
                        "TWINSERVE_REQUIRE_PARITY=false")
-
-
-def memory_plan(settings: Settings, manifest):
-    """The startup memory plan for ``settings`` (StartupError when it cannot fit this machine)."""
-    from twin.loading import config_from_manifest, pick_device, pick_dtype
-
-    from .memory import check_fits, plan
-    device = pick_device(settings.device)
-    dtype = str(pick_dtype(settings.dtype, device)).removeprefix("torch.")
-    from .modes import MODES
-
-    mode = MODES[settings.mode]
-    p = plan(manifest, config_from_manifest(manifest), settings.artifact, dtype,
-             1 if mode.per_request else settings.max_batch_size, settings.max_model_len, settings.kv_cache_gib,
-             with_experts=mode.routed)
-    check_fits(p, device.type)
-    return p
 
 
 def setting_help(name: str) -> str:
