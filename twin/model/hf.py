@@ -69,7 +69,16 @@ class HFTwinModel(nn.Module):
                                 and getattr(emb, "padding_idx", None) is not None else 0)
         # what runs between the decoder's last hidden state and the logits: the lm_head, or the class's head
         # modules in order (BERT's transform + decoder, ModernBERT's prediction head + decoder)
-        self._head_names = [n for n, m in hf.named_children() if m is not self.base]
+        # the class's children after the decoder, up to the one holding the output embedding (a child after it,
+        # such as an assistant model's projections, is not on the path to the logits)
+        out_emb = hf.get_output_embeddings()
+        self._head_names = []
+        for n, m in hf.named_children():
+            if m is self.base:
+                continue
+            self._head_names.append(n)
+            if out_emb is None or any(x is out_emb for x in m.modules()):
+                break
         self.num_experts = 0
         self.expert_names: list[str] = []
         self._packed: dict[str, nn.Module] = {}
