@@ -192,10 +192,10 @@ def print_estimate(est: Estimate, console) -> None:
     def fmt_s(s: float) -> str:
         return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
-    t = Table(title=f"build estimate for this machine ({est.parameters / 1e9:.2f} B parameters, {est.tensors} "
+    t = Table(title=f"build estimate for this machine ({util.human_count(est.parameters)} parameters, {est.tensors} "
                     f"tensors, {est.unchanged} unchanged by every expert)")
     for col in ("peak memory", "artifact on disk", "merge", "factor (SVD)", "parity gate", "total"):
         t.add_column(col, justify="right")
-    t.add_row(f"{est.peak_bytes / GiB:.1f} GiB", f"{est.artifact_bytes / GiB:.2f} GiB", fmt_s(est.merge_s),
+    t.add_row(util.human_bytes(est.peak_bytes), util.human_bytes(est.artifact_bytes), fmt_s(est.merge_s),
               fmt_s(est.factor_s), fmt_s(est.gate_s), fmt_s(est.total_s))
     console.print(t)

@@ -46,7 +46,12 @@ def _fraction(v: str) -> float:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-router", help="train the prompt router from labelled prompts; stored in the artifact")
+    p = sub.add_parser("train-router", help="train the prompt router from labelled prompts; stored in the artifact",
+                       description="Train the router that weights the experts per prompt: features are θ*'s hidden "
+                                   "state after its first L_r blocks averaged over the prompt's first K tokens; a small "
+                                   "MLP maps them to w. L_r and K are searched (the cheapest pair as accurate as the "
+                                   "best on held-out prompts), the fallback threshold is calibrated, and the router is "
+                                   "written into the artifact (a new manifest, atomically).")
     p.add_argument("artifact", help="artifact directory (updated atomically)")
     p.add_argument("--data", required=True, help="JSONL with fields prompt and task (task = an expert name)")
     p.add_argument("--max-per-task", type=int, default=200, help="use at most N prompts per task (default 200)")
@@ -63,5 +68,5 @@ def register(sub) -> None:
                    help="where uncertain prompts go (default backbone: shared knowledge only)")
     p.add_argument("--min-confidence", type=float, default=0.5,
                    help="top weight below this counts as uncertain (default 0.5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the MLP's init (default 0)")
     p.set_defaults(fn=cmd_train_router)

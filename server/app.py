@@ -63,10 +63,14 @@ def load_state(app: FastAPI, settings: Settings, expert_reader: Callable | None 
     engine = Engine(art, router, settings, metrics, memory_plan=plan)
     load_s = time.perf_counter() - t0
     metrics.set_memory(plan.to_json(), load_s)
-    if (settings.dtype == "auto" and art.model.device.type == "cpu"
-            and art.manifest.dtype != str(art.model.dtype).removeprefix("torch.")):
-        startup_log.info("the artifact is %s; served in %s on this CPU (no native bf16 dot products: AVX512-BF16/AMX); "
-                 "--dtype bfloat16 forces it", art.manifest.dtype, str(art.model.dtype).removeprefix("torch."))
+    served = str(art.model.dtype).removeprefix("torch.")
+    if settings.dtype == "auto" and art.model.device.type == "cpu" and art.manifest.dtype != served:
+        if served == "bfloat16":
+            startup_log.info("the artifact is %s; served in bfloat16 (this CPU has native bf16 dot products: "
+                             "AVX512-BF16/AMX); --dtype float32 keeps %s", art.manifest.dtype, art.manifest.dtype)
+        else:
+            startup_log.info("the artifact is %s; served in %s (this CPU has no native bf16 dot products: "
+                             "AVX512-BF16/AMX); --dtype bfloat16 forces it", art.manifest.dtype, served)
     startup_log.info("loaded in %.1f s: %s", load_s, plan.summary())
     app.state.artifact = art
     app.state.metrics = metrics

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twin.errors import TwinserveError
+from twin.util import human_bytes
 
 GiB = 1 << 30
 DEFAULT_MAX_LEN = 2048
@@ -45,8 +46,8 @@ class MemoryPlan:
         return self.weights_bytes + self.factors_bytes + self.kv_bytes
 
     def summary(self) -> str:
-        return (f"weights {self.weights_bytes / GiB:.2f} GiB, factors {self.factors_bytes / GiB:.2f} GiB, KV cache "
-                f"{self.kv_bytes / GiB:.2f} GiB ({self.slots} slots × {self.positions} positions)")
+        return (f"weights {human_bytes(self.weights_bytes)}, factors {human_bytes(self.factors_bytes)}, KV cache "
+                f"{human_bytes(self.kv_bytes)} ({self.slots} slots × {self.positions} positions)")
 
     def to_json(self) -> dict:
         return {"weights_bytes": self.weights_bytes, "factors_bytes": self.factors_bytes, "kv_bytes": self.kv_bytes,

@@ -37,6 +37,7 @@ def cmd_serve(args, expert_reader: Callable | None = None, prober: Callable | No
     # fail fast with a clear message, before uvicorn starts; the checksums are computed here, once
     manifest = verify_artifact(settings.artifact) if settings.verify_artifact else read_manifest(settings.artifact)
     check_parity_recorded(settings, manifest)
+    check_port_free(settings.host, settings.port)  # before the weights load, not after
     if prober is not None and not manifest.parity and manifest.synthetic is None:
         prober(manifest)                           # uncertified artifact: its type must pass the probe
     memory_plan(settings, manifest)                # and refuse settings that cannot fit, with the numbers
@@ -52,6 +53,25 @@ def cmd_serve(args, expert_reader: Callable | None = None, prober: Callable | No
             raise refusal from None
         raise                     # anything else uvicorn has logged with its traceback
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """StartupError when ``host:port`` cannot be bound (in use, or not an address of this machine): found in a
+    millisecond here instead of by uvicorn after the whole artifact has loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise StartupError(f"--host {host}: cannot resolve it ({e.strerror or e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server on that port? "
+                               "choose one with --port / TWINSERVE_PORT)") from None
 
 
 def check_parity_recorded(settings: Settings, manifest) -> None:
@@ -105,7 +125,8 @@ def register(sub, expert_reader: Callable | None = None, prober: Callable | None
                        description="Serve an artifact: /v1/completions, /v1/chat/completions, /v1/models, "
                                    "/tokenize, /detokenize, /health, /ready, /metrics, /v1/stats, playground at /.",
                        epilog="Settings (flags override environment variables):\n" + "\n".join(lines))
-    p.add_argument("artifact", help="artifact directory (TWINSERVE_ARTIFACT)")
+    p.add_argument("artifact", nargs="?", default=None,
+                   help="artifact directory (default: TWINSERVE_ARTIFACT, else artifacts/demo)")
     p.add_argument("--host", default=None, help=setting_help("host"))
     p.add_argument("--port", type=int, default=None, help=setting_help("port"))
     p.add_argument("--mode", choices=get_args(Mode), default=None, help=setting_help("mode"))

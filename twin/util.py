@@ -14,6 +14,22 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB', 3.2e9 -> '2.98 GiB': three significant digits in the largest unit below n."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def human_count(n: float) -> str:
+    """Parameters: 0.9e6 -> '900K', 1.54e9 -> '1.54B'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
 def percentile(values: list[float], p: float) -> float | None:
     """The ``p``-th percentile (0..100) with linear interpolation between the closest ranks — numpy's default
     (``numpy.percentile(values, p)``); None for no values. Every p50/p99 twinserve reports (``/v1/stats``,

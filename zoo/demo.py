@@ -62,10 +62,14 @@ def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None
 
 
 def register(sub, evaluate: Callable[[Path, bool, Console], None]) -> argparse.ArgumentParser:
-    d = sub.add_parser("demo", help="build (or reuse) the demo zoo and artifact, train the router, evaluate")
+    d = sub.add_parser("demo", help="build (or reuse) the demo zoo and artifact, train the router, evaluate",
+                       description="The demo end to end (what `make demo` and `make run` run): a tiny Llama and 8 "
+                                   "single-task experts (the zoo, cached by its settings), the artifact built from "
+                                   "them with the parity gate (cached by recipe and zoo), the router trained on the "
+                                   "zoo's router split, and the quality table of `twinserve eval`.")
     d.add_argument("--zoo", default="artifacts/zoo", help="zoo directory (default artifacts/zoo)")
     d.add_argument("-o", "--output", default="artifacts/demo", help="artifact directory (default artifacts/demo)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the zoo's data and training (default 0)")
     d.add_argument("--reeval", action="store_true", help="re-run the evaluation even if report.json has one")
     d.set_defaults(fn=functools.partial(cmd_demo, evaluate=evaluate))
     return d

@@ -219,3 +219,31 @@ def test_drain_timeout_ends_what_is_left_with_an_error_event(routed_artifact):
     (status, events), = results
     assert status == 200 and events[-1] == "[DONE]"
     assert events[-2]["error"]["message"] == "server is shutting down"
+
+
+# ----------------------------------------------------------------------------- settings a new user meets
+
+def test_the_artifact_argument_defaults_to_twinserve_artifact(capsys, artifact_copy, monkeypatch, lifespan_only):
+    """`twinserve serve` with no argument serves TWINSERVE_ARTIFACT, as --help says."""
+    monkeypatch.setenv("TWINSERVE_REQUIRE_PARITY", "false")
+    monkeypatch.setenv("TWINSERVE_DEVICE", "cpu")
+    monkeypatch.setenv("TWINSERVE_ARTIFACT", str(artifact_copy))
+    code, text = run_cli(capsys, "serve", "--port", str(free_port()))
+    assert code == 0, text
+    assert lifespan_only["app"].state.settings.artifact == str(artifact_copy)
+
+
+def test_a_port_in_use_is_refused_before_loading(capsys, artifact_copy, monkeypatch):
+    """One line, exit 2, before any weight is read (uvicorn would find it only after the whole load)."""
+    import socket
+
+    monkeypatch.setenv("TWINSERVE_REQUIRE_PARITY", "false")
+    loaded = []
+    monkeypatch.setattr("server.serve_cli.memory_plan", lambda *a: loaded.append(1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, text = run_cli(capsys, "serve", str(artifact_copy), "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in text and "Traceback" not in text
+    assert text.count("\n") == 1 and not loaded
