@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from router.model import Router
 from twin.loading import LoadedArtifact
 
-from .errors import APIError, InternalError, NotReady, QueueFull, RequestTimeout
+from .errors import APIError, Draining, InternalError, NotReady, QueueFull, RequestTimeout
 from .events import Event, Failed, Finished, PromptLogprobs, Routed, TextDelta
 from .metrics import Metrics
 from .modes import MODES
@@ -151,6 +151,8 @@ class Engine:
     # ---- API for routes -------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         if not self.accepting:
+            if self.ready:   # started, now draining for shutdown
+                raise Draining("draining: the server is shutting down")
             raise NotReady("server is not accepting requests (starting or shutting down)")
         try:
             self.scheduler.submit(req)

@@ -68,6 +68,11 @@ class NotReady(APIError):
     code = "not_ready"
 
 
+class Draining(NotReady):
+    """Shutting down: admitted requests finish, new ones are refused (as /ready's 503 "draining")."""
+    code = "draining"
+
+
 class RequestTimeout(APIError):
     status = 504
     type = "timeout_error"
