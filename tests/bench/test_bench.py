@@ -88,6 +88,9 @@ def test_phase_seconds_and_bounds(quick_report):
     assert b["soft_bound"] == round(bb["seconds"] / (bb["seconds"] + soft_router
                                                      + delta * rho * bb["phase_seconds"]["decode"]), 4)
     assert b["soft_bound"] < bb["seconds"] / (bb["seconds"] + soft_router)   # the factors' work lowers it further
+    steps = sum(bb["phase_seconds"][k] for k in ("prefill", "decode", "mixed"))
+    assert b["soft_at_backbone_efficiency"] == round(bb["seconds"] / (bb["seconds"] + soft_router + delta * steps), 4)
+    assert b["soft_at_backbone_efficiency"] < bb["seconds"] / (bb["seconds"] + soft_router)
     for mode in ("lowrank", "lowrank_top2"):
         r = runs[("synthetic", mode, 3)]
         router = r["phase_seconds"]["router"]
