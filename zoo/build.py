@@ -22,7 +22,7 @@ from compression.recipe import CompressSpec, ExpertSpec, MergeSpec, RankPolicy, 
 from twin.artifact import atomic_dir, make_readable
 
 from .tasks import SPLIT_SIZES, TASKS, make_splits, pretrain_example, read_jsonl, write_jsonl
-from .tokenizer import make_char_tokenizer
+from .tokenizer import CHAT_TEMPLATE, make_char_tokenizer
 from .train import ZooModelConfig, teacher_forced_exact_match, train_lm
 
 ZOO_VERSION = 1
@@ -67,6 +67,9 @@ def build_zoo(out: str | Path, settings: ZooSettings = ZooSettings(), force: boo
     if not force and zoo_is_valid(out, settings):
         console.print(f"[green]zoo cache hit[/] {out} (fingerprint {settings.fingerprint()})")
         dump_recipe(demo_recipe(settings), out / "recipe.yaml")
+        template, current = out / "base" / CHAT_TEMPLATE, make_char_tokenizer().chat_template
+        if not template.is_file() or template.read_text() != current:
+            template.write_text(current)        # a zoo cached before its chat template emitted <bos>
         return json.loads((out / "zoo.json").read_text())
     unknown = [t for t in settings.tasks if t not in TASKS]
     if unknown:

@@ -31,11 +31,26 @@ def cmd_demo(args, evaluate: Callable[[Path, bool, Console], None]) -> int:
         pass
     if fresh:
         console.print(f"[green]artifact cache hit[/] {out}")
+        refresh_chat_template(out)
     else:
         build_with_parity(recipe, out, zoo_fingerprint=info["fingerprint"])
     ensure_demo_router(out, Path(args.zoo), console=console)
     evaluate(out, "quality" not in read_report(out) or args.reeval, console)
     return 0
+
+
+def refresh_chat_template(artifact: Path) -> None:
+    """A demo artifact cached before its chat template emitted <bos> gets the current template (the artifact
+    is updated atomically and re-checksummed); chat prompts then tokenise as completion prompts do."""
+    from twin.artifact import update_artifact, verify_artifact
+    from zoo.tokenizer import CHAT_TEMPLATE, make_char_tokenizer
+
+    rel = f"{verify_artifact(artifact).tokenizer}/{CHAT_TEMPLATE}"
+    template = make_char_tokenizer().chat_template
+    path = artifact / rel
+    if not path.is_file() or path.read_text() != template:
+        update_artifact(artifact, {rel: template})
+        console.print(f"chat template updated: {path}")
 
 
 def ensure_demo_router(artifact: Path, zoo: Path, console: Console | None = None) -> None:

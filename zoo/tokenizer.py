@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHAT_TEMPLATE = "chat_template.jinja"      # where save_pretrained writes the template
 CHARS = list(string.printable[:95]) + ["\n"]  # printable ASCII + newline
 
 

@@ -64,3 +64,19 @@ def test_demo_chat_template_tokenises_as_the_completion_prompt():
                                            add_generation_prompt=True)
         chat = tok.encode(rendered, add_special_tokens=False)
         assert chat == tok.encode(text) and chat.count(tok.bos_token_id) == 1 and chat[0] == tok.bos_token_id
+
+
+def test_a_cached_demo_artifact_gets_the_current_chat_template(artifact_copy):
+    """`make demo` on an artifact cached before the template emitted <bos>: the template file is replaced through
+    an atomic update (checksums stay valid), once."""
+    from twin.artifact import read_manifest, update_artifact, verify_artifact
+    from zoo.demo import refresh_chat_template
+    from zoo.tokenizer import CHAT_TEMPLATE, make_char_tokenizer
+
+    rel = f"{read_manifest(artifact_copy).tokenizer}/{CHAT_TEMPLATE}"
+    update_artifact(artifact_copy, {rel: "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
+    refresh_chat_template(artifact_copy)
+    assert (artifact_copy / rel).read_text() == make_char_tokenizer().chat_template
+    before = verify_artifact(artifact_copy).files
+    refresh_chat_template(artifact_copy)                      # already current: nothing rewritten
+    assert verify_artifact(artifact_copy).files == before
