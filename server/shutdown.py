@@ -19,6 +19,14 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.app = app
 
+    def handle_exit(self, sig, frame) -> None:
+        """The signal itself stops admission (uvicorn notices should_exit only at its next 0.1 s tick, and
+        /ready or a request in between would still be accepted); the drain then runs in ``shutdown``."""
+        engine = getattr(self.app.state, "engine", None)
+        if engine is not None and self.started:
+            engine.accepting = False
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets=None) -> None:
         engine = getattr(self.app.state, "engine", None)
         if engine is not None and self.started:

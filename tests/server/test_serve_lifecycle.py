@@ -247,3 +247,17 @@ def test_a_port_in_use_is_refused_before_loading(capsys, artifact_copy, monkeypa
         code, text = run_cli(capsys, "serve", str(artifact_copy), "--port", str(port))
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in text and "Traceback" not in text
     assert text.count("\n") == 1 and not loaded
+
+
+def test_the_signal_itself_stops_admission(routed_artifact):
+    """SIGTERM/Ctrl-C (uvicorn's handle_exit) refuses at once: /ready and a new request answer 503 "draining"
+    right after the signal, not only from uvicorn's next tick."""
+    import signal
+
+    server, thread, url = _start(routed_artifact, max_batch_size=2, drain_timeout_s=30.0)
+    engine = server.app.state.engine
+    assert engine.accepting
+    server.handle_exit(signal.SIGTERM, None)
+    assert not engine.accepting and engine.ready          # before any tick of uvicorn's loop
+    thread.join(30)
+    assert not thread.is_alive()
