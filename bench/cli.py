@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 
 from twin.errors import UsageError
+from twin.util import peak_rss_bytes
 from zoo.shapes import SHAPES
 
 from .peers import PEER_MODES
@@ -34,7 +35,7 @@ from .report import (
     print_runs,
     write_json_atomic,
 )
-from .runner import MODES, ArtifactBench, bench_artifact, peak_rss_bytes
+from .runner import MODES, ArtifactBench, bench_artifact
 from .synthetic import SyntheticSpec, build_synthetic_artifact
 
 ALL_MODES = MODES + PEER_MODES     # peers run on the synthetic artifact only, at the ratio batch size

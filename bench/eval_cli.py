@@ -18,29 +18,19 @@ def cmd_eval(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"--methods: unknown method(s) {', '.join(bad)} (known: {', '.join(METHODS)})")
+    sweep = None
     if args.sweep_ranks:
         from bench.quality import rank_sweep
-        try:
-            ranks = [int(x) for x in args.sweep_ranks.split(",")]
-        except ValueError:
-            raise UsageError(f"--sweep-ranks: expected comma-separated integers, got {args.sweep_ranks!r}") from None
-        if any(r < 1 for r in ranks):
-            raise UsageError("--sweep-ranks: ranks must be >= 1")
-        rows = rank_sweep(args.artifact, ranks, tasks=args.tasks, limit=args.limit, console=console,
-                          router_weights=_router_weights())
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        return 0
-    if args.sweep_budget:
+        points = _list(args.sweep_ranks, "--sweep-ranks", int, "integers", lambda r: r >= 1, "ranks must be >= 1")
+        sweep = rank_sweep
+    elif args.sweep_budget:
         from bench.quality import budget_sweep
-        try:
-            fractions = [float(x) for x in args.sweep_budget.split(",")]
-        except ValueError:
-            raise UsageError(f"--sweep-budget: expected comma-separated fractions, got {args.sweep_budget!r}") from None
-        if any(not 0 < f <= 1 for f in fractions):
-            raise UsageError("--sweep-budget: fractions must be in (0, 1]")
-        rows = budget_sweep(args.artifact, fractions, tasks=args.tasks, limit=args.limit, console=console,
-                            router_weights=_router_weights())
+        points = _list(args.sweep_budget, "--sweep-budget", float, "fractions", lambda f: 0 < f <= 1,
+                       "fractions must be in (0, 1]")
+        sweep = budget_sweep
+    if sweep is not None:
+        rows = sweep(args.artifact, points, tasks=args.tasks, limit=args.limit, console=console,
+                     router_weights=_router_weights())
         if args.json:
             print(json.dumps(rows, indent=2))
         return 0
@@ -50,6 +40,17 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(report["quality"], indent=2))
     return 0
+
+
+def _list(text: str, flag: str, cast, kind: str, ok, rule: str) -> list:
+    """A comma-separated option as a list of ``cast`` values, each passing ``ok``; UsageError naming the flag."""
+    try:
+        values = [cast(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated {kind}, got {text!r}") from None
+    if not all(ok(v) for v in values):
+        raise UsageError(f"{flag}: {rule}")
+    return values
 
 
 def _router_weights():

@@ -41,7 +41,7 @@ from server.settings import Settings
 from twin.errors import TwinserveError
 from twin.loading import LoadedArtifact, load_artifact
 from twin.model.memory import tensors_bytes
-from twin.util import available_memory, peak_rss_bytes, percentile, rss_bytes  # noqa: F401 (bench.cli)
+from twin.util import available_memory, percentile, rss_bytes
 
 # the server's serving modes, plus the bench's routing variants of them; the order is the reports' order
 VARIANTS = {"lowrank_top2": "lowrank"}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from twin import util
 from twin.errors import TwinserveError
+from twin.util import available_memory, human_bytes, human_count
 
 from .lowrank import OVERSAMPLE, POWER_ITERS, use_randomized
 from .recipe import Recipe
@@ -161,11 +161,6 @@ def estimate(recipe: Recipe, threads: int | None = None, shard_bytes: int = 1 <<
                     len(src.keys), unchanged, params, largest)
 
 
-def available_memory() -> int:
-    """(Kept as a module attribute: tests shrink it.)"""
-    return util.available_memory()
-
-
 def check(est: Estimate, out: str | Path) -> None:
     """PreflightError when the estimate exceeds the memory available now or the free disk at ``out``."""
     mem = available_memory()
@@ -192,10 +187,10 @@ def print_estimate(est: Estimate, console) -> None:
     def fmt_s(s: float) -> str:
         return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
-    t = Table(title=f"build estimate for this machine ({util.human_count(est.parameters)} parameters, {est.tensors} "
+    t = Table(title=f"build estimate for this machine ({human_count(est.parameters)} parameters, {est.tensors} "
                     f"tensors, {est.unchanged} unchanged by every expert)")
     for col in ("peak memory", "artifact on disk", "merge", "factor (SVD)", "parity gate", "total"):
         t.add_column(col, justify="right")
-    t.add_row(util.human_bytes(est.peak_bytes), util.human_bytes(est.artifact_bytes), fmt_s(est.merge_s),
+    t.add_row(human_bytes(est.peak_bytes), human_bytes(est.artifact_bytes), fmt_s(est.merge_s),
               fmt_s(est.factor_s), fmt_s(est.gate_s), fmt_s(est.total_s))
     console.print(t)

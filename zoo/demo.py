@@ -31,7 +31,7 @@ def cmd_demo(args, evaluate: Callable[[Path, bool, Console], None]) -> int:
         pass
     if fresh:
         console.print(f"[green]artifact cache hit[/] {out}")
-        refresh_chat_template(out)
+        refresh_chat_template(out, m)
     else:
         build_with_parity(recipe, out, zoo_fingerprint=info["fingerprint"])
     ensure_demo_router(out, Path(args.zoo), console=console)
@@ -39,13 +39,13 @@ def cmd_demo(args, evaluate: Callable[[Path, bool, Console], None]) -> int:
     return 0
 
 
-def refresh_chat_template(artifact: Path) -> None:
+def refresh_chat_template(artifact: Path, manifest) -> None:
     """A demo artifact cached before its chat template emitted <bos> gets the current template (the artifact
     is updated atomically and re-checksummed); chat prompts then tokenise as completion prompts do."""
-    from twin.artifact import update_artifact, verify_artifact
+    from twin.artifact import update_artifact
     from zoo.tokenizer import CHAT_TEMPLATE, make_char_tokenizer
 
-    rel = f"{verify_artifact(artifact).tokenizer}/{CHAT_TEMPLATE}"
+    rel = f"{manifest.tokenizer}/{CHAT_TEMPLATE}"
     template = make_char_tokenizer().chat_template
     path = artifact / rel
     if not path.is_file() or path.read_text() != template:

@@ -254,7 +254,7 @@ def test_the_signal_itself_stops_admission(routed_artifact):
     right after the signal, not only from uvicorn's next tick."""
     import signal
 
-    server, thread, url = _start(routed_artifact, max_batch_size=2, drain_timeout_s=30.0)
+    server, thread, _url = _start(routed_artifact, max_batch_size=2, drain_timeout_s=30.0)
     engine = server.app.state.engine
     assert engine.accepting
     server.handle_exit(signal.SIGTERM, None)

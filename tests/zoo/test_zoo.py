@@ -75,8 +75,8 @@ def test_a_cached_demo_artifact_gets_the_current_chat_template(artifact_copy):
 
     rel = f"{read_manifest(artifact_copy).tokenizer}/{CHAT_TEMPLATE}"
     update_artifact(artifact_copy, {rel: "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
-    refresh_chat_template(artifact_copy)
+    refresh_chat_template(artifact_copy, read_manifest(artifact_copy))
     assert (artifact_copy / rel).read_text() == make_char_tokenizer().chat_template
     before = verify_artifact(artifact_copy).files
-    refresh_chat_template(artifact_copy)                      # already current: nothing rewritten
+    refresh_chat_template(artifact_copy, read_manifest(artifact_copy))   # already current: nothing rewritten
     assert verify_artifact(artifact_copy).files == before
